@@ -1,0 +1,104 @@
+"""Data: sources of (image, caption) pairs, deterministic sampling, batching.
+
+The order of training samples is a pure function of (seed, epoch, position) and each sample's
+augmentation is seeded from (seed, epoch, index), so a run resumed mid-epoch sees exactly the
+samples and crops an uninterrupted run would have seen, whatever the number of workers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class PairSource(Protocol):
+    """Indexable image-caption pairs: `source[i] -> (PIL image, caption)`."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int): ...
+
+
+@dataclass
+class Batch:
+    """A batch of preprocessed images [B, 3, H, W], token ids [B, L] and their source indices [B]."""
+    images: torch.Tensor
+    texts: torch.Tensor
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device) -> "Batch":
+        nb = device.type == "cuda"
+        return Batch(self.images.to(device, non_blocking=nb), self.texts.to(device, non_blocking=nb), self.indices)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2 ** 63)
+
+
+class PairDataset(Dataset):
+    """Applies a transform to a source's images; keys are (epoch, index) so augmentation is reproducible."""
+
+    def __init__(self, source: PairSource, transform: Callable, seed: int = 0):
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str, int]:
+        epoch, index = key
+        image, caption = self.source[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            pixels = self.transform(image)
+        return pixels, caption, index
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index) keys: a permutation seeded by (seed, epoch), from position `start` on.
+
+    Only whole batches are used (the incomplete tail of the permutation is dropped) when
+    `batch_size` is given. With `shuffle=False` the order is 0..n-1.
+    """
+
+    def __init__(self, n: int, epoch: int = 0, seed: int = 0, start: int = 0, batch_size: int | None = None,
+                 shuffle: bool = True):
+        self.n, self.epoch, self.seed, self.start, self.shuffle = n, epoch, seed, start, shuffle
+        self.end = (n // batch_size) * batch_size if batch_size else n
+
+    def order(self) -> torch.Tensor:
+        """The full sample order of this epoch."""
+        if not self.shuffle:
+            return torch.arange(self.n)
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return torch.randperm(self.n, generator=gen)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.order()[self.start:self.end].tolist()
+        return iter([(self.epoch, i) for i in order])
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+
+class Collate:
+    """Stacks images and tokenizes captions in one call."""
+
+    def __init__(self, tokenizer: Callable[[Sequence[str]], torch.Tensor]):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[tuple[torch.Tensor, str, int]]) -> Batch:
+        images, captions, indices = zip(*items)
+        return Batch(torch.stack(images), self.tokenizer(list(captions)), torch.tensor(indices))
+
+
+def make_loader(dataset: PairDataset, tokenizer: Callable, batch_size: int, sampler: EpochSampler,
+                workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of `Batch` in the sampler's order."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(tokenizer),
+                      num_workers=workers, pin_memory=pin_memory, drop_last=False,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)

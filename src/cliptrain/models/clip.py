@@ -1,0 +1,58 @@
+"""The two-tower CLIP model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliptrain.models.config import CLIPConfig
+from cliptrain.models.text import TextTransformer
+from cliptrain.models.vision import VisionTransformer
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns: L2-normalised features and the (exponentiated) temperature."""
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None
+
+
+class CLIP(nn.Module):
+    """Image and text towers projected into one embedding space, with a learnable logit scale."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.activation)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, embed_dim] image features (L2-normalised by default)."""
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, texts: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[B, L] token ids -> [B, embed_dim] text features (L2-normalised by default)."""
+        features = self.text(texts)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> ModelOutput:
+        """Encode both modalities."""
+        return ModelOutput(self.encode_image(images), self.encode_text(texts), self.logit_scale.exp())
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters excluded from weight decay besides biases and norms."""
+        names = {"logit_scale"}
+        names |= {f"visual.{n}" for n in VisionTransformer.no_weight_decay}
+        names |= {f"text.{n}" for n in TextTransformer.no_weight_decay}
+        return names
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the log temperature within [0, max_logit_scale] (called after each optimizer step)."""
+        self.logit_scale.clamp_(0, self.cfg.max_logit_scale)

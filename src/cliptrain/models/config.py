@@ -1,0 +1,60 @@
+"""Architecture configs: plain dataclasses, stored as YAML files in `configs/`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cliptrain.config import ConfigError
+
+
+@dataclass
+class VisionConfig:
+    """ViT image tower."""
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.image_size ({self.image_size}) must be a multiple of "
+                              f"vision.patch_size ({self.patch_size})")
+        if self.width % self.heads:
+            raise ConfigError(f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
+        if min(self.layers, self.heads, self.patch_size) < 1:
+            raise ConfigError("vision.layers, vision.heads and vision.patch_size must be >= 1")
+
+
+@dataclass
+class TextConfig:
+    """Causal transformer text tower."""
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    pad_token_id: int = 0
+    eot_token_id: int = 49407            # features are pooled at the first end-of-text token
+
+    def __post_init__(self):
+        if self.width % self.heads:
+            raise ConfigError(f"text.width ({self.width}) must be divisible by text.heads ({self.heads})")
+        if not 0 <= self.eot_token_id < self.vocab_size:
+            raise ConfigError(f"text.eot_token_id ({self.eot_token_id}) must be in [0, vocab_size={self.vocab_size})")
+        if self.context_length < 2:
+            raise ConfigError(f"text.context_length must be >= 2, got {self.context_length}")
+
+
+@dataclass
+class CLIPConfig:
+    """A two-tower CLIP model."""
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    activation: Literal["gelu", "quick_gelu"] = "gelu"
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100)

@@ -1,0 +1,40 @@
+"""Create models by name; the named architectures are YAML files in `configs/`."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cliptrain.config import deep_update, from_dict, to_dict
+from cliptrain.models.clip import CLIP
+from cliptrain.models.config import CLIPConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Names of the built-in architectures containing `pattern`."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if pattern in p.stem)
+
+
+def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
+    """The architecture config for `name`, with nested field overrides (e.g. vision={"layers": 2})."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = list_models()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(names)}")
+    data = yaml.safe_load(path.read_text())
+    return from_dict(CLIPConfig, deep_update(data, to_dict(overrides)), prefix="")
+
+
+def create_model(name: str | CLIPConfig, **overrides: Any) -> CLIP:
+    """Build a randomly initialised model from a config name (or config) with optional overrides."""
+    if isinstance(name, CLIPConfig):
+        cfg = from_dict(CLIPConfig, deep_update(to_dict(name), to_dict(overrides)))
+    else:
+        cfg = get_model_config(name, **overrides)
+    return CLIP(cfg)

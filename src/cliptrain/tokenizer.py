@@ -1,0 +1,370 @@
+"""Byte-level BPE tokenizers that turn captions into fixed-length token-id tensors.
+
+Two flavours share one class, :class:`Tokenizer`, and one file format, a Hugging Face
+``tokenizer.json`` (readable by ``tokenizers.Tokenizer.from_file`` and by transformers):
+
+* :func:`train_bpe` learns a vocabulary from your captions. Its text cleaning (NFC, whitespace
+  collapse, strip, lower-case) lives entirely in the file's normalizer, so any reader of the
+  file gets the same ids as cliptrain.
+* :func:`load_clip_bpe` rebuilds OpenAI CLIP's tokenizer from its merges file. CLIP also
+  un-escapes HTML and runs ``ftfy``, which ``tokenizers`` cannot express. Rule: whenever a
+  file's vocabulary contains ``<|startoftext|>``, cliptrain cleans text in Python exactly like
+  CLIP (``ftfy.fix_text`` if installed, else Unicode NFC, which is what ftfy would do to clean
+  text; ``html.unescape`` twice; whitespace collapse; lower-case) and skips the file's
+  normalizer. The file's normalizer (NFC, whitespace collapse, lower-case) is only the closest
+  approximation for other readers.
+
+Both flavours record ``context_length`` (fixed padding and truncation length), the pad id and the
+start/end-of-text tokens (a ``TemplateProcessing`` post-processor) in the file itself.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+import torch
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+try:  # optional, as in OpenAI CLIP's own cleaning
+    import ftfy
+except ImportError:  # pragma: no cover - depends on the environment
+    ftfy = None
+
+__all__ = ["Tokenizer", "train_bpe", "load_clip_bpe", "TOKENIZER_FILE"]
+
+TOKENIZER_FILE = "tokenizer.json"
+PAD_TOKEN, SOT_TOKEN, EOT_TOKEN = "<pad>", "<start_of_text>", "<end_of_text>"
+CLIP_SOT, CLIP_EOT = "<|startoftext|>", "<|endoftext|>"
+CLIP_WORD_END = "</w>"
+CLIP_MAX_MERGES = 49152 - 256 - 2  # OpenAI CLIP reads merges lines[1 : CLIP_MAX_MERGES + 1]
+CLIP_PATTERN = (
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+_MIN_BYTE_VOCAB = 256 + 3  # every byte plus the three special tokens
+_WHITESPACE = re.compile(r"\s+")
+
+
+class Tokenizer:
+    """Turns captions into fixed-length token-id tensors."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, source: str = "tokenizer") -> None:
+        """Wraps a Hugging Face tokenizer configured as cliptrain writes them (see module doc)."""
+        config = json.loads(backend.to_str())
+        self._file = backend  # what save() writes, untouched
+        self._context_length, self._pad_id = _read_padding(config, source)
+        self._sot_id, self._eot_id = _read_template(config, source)
+        self._clip_cleaning = backend.token_to_id(CLIP_SOT) is not None
+        # Runtime copy: no padding/truncation (done in __call__ for any length), and for the CLIP
+        # flavour no normalizer, because _clip_clean already did all of CLIP's cleaning.
+        runtime = tokenizers.Tokenizer.from_str(backend.to_str())
+        runtime.no_padding()
+        runtime.no_truncation()
+        if self._clip_cleaning:
+            runtime.normalizer = None
+        self._runtime = runtime
+        self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+
+    @property
+    def context_length(self) -> int:
+        """Default number of tokens per caption returned by ``__call__``."""
+        return self._context_length
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of rows an embedding table needs: the largest token id plus one."""
+        return self._vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        """Id used to fill captions shorter than the context length."""
+        return self._pad_id
+
+    @property
+    def sot_id(self) -> int:
+        """Id of the start-of-text token that opens every caption."""
+        return self._sot_id
+
+    @property
+    def eot_id(self) -> int:
+        """Id of the end-of-text token that closes every caption."""
+        return self._eot_id
+
+    def __repr__(self) -> str:
+        flavour = "clip" if self._clip_cleaning else "trained"
+        return (
+            f"Tokenizer({flavour}, vocab_size={self.vocab_size}, "
+            f"context_length={self.context_length})"
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Returns ``[sot] + ids + [eot]`` for one caption, without padding or truncation."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes one str, got {type(text).__name__}; use __call__ for a batch")
+        return self._runtime.encode(self._clean(text)).ids
+
+    def __call__(
+        self, texts: str | Sequence[str], context_length: int | None = None
+    ) -> torch.Tensor:
+        """Returns a LongTensor ``[N, L]`` of ids: padded with ``pad_id``, truncated to keep eot last."""
+        length = self._context_length if context_length is None else int(context_length)
+        if length < 2:
+            raise ValueError(f"context_length must be at least 2 (sot + eot), got {length}")
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts must be a str or a sequence of str; found items of type {bad[0]}")
+        if not texts:
+            return torch.empty((0, length), dtype=torch.long)
+        encodings = self._runtime.encode_batch([self._clean(t) for t in texts])
+        rows = []
+        for encoding in encodings:
+            ids = encoding.ids
+            if len(ids) > length:
+                ids = ids[: length - 1] + [self._eot_id]
+            else:
+                ids = ids + [self._pad_id] * (length - len(ids))
+            rows.append(ids)
+        return torch.tensor(rows, dtype=torch.long)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Returns the text of one id sequence, without special tokens or padding.
+
+        Everything from the first eot on (where padding starts) is dropped.
+        """
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(
+                    f"decode() takes one sequence (1-D), got shape {tuple(ids.shape)}; "
+                    "decode a batch row by row: [tok.decode(row) for row in ids]"
+                )
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        if self._eot_id in ids:
+            ids = ids[: ids.index(self._eot_id)]
+        ids = [i for i in ids if i != self._sot_id]
+        text = self._runtime.decode(ids, skip_special_tokens=True)
+        if self._clip_cleaning and text.endswith(" "):
+            text = text[:-1]  # the space the last word's "</w>" became
+        return text
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes ``tokenizer.json`` to ``path`` (a ``.json`` file path, or a directory)."""
+        target = Path(path)
+        if target.is_dir() or (not target.exists() and target.suffix != ".json"):
+            target = target / TOKENIZER_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._file.save(str(target), pretty=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Reads a tokenizer saved by :meth:`save` from a file or a directory holding one."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / TOKENIZER_FILE
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"No tokenizer file at {file}. Pass the path of a tokenizer.json (or its "
+                "directory) written by Tokenizer.save(), e.g. train_bpe(captions).save(dir)."
+            )
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as error:  # tokenizers raises a bare Exception on bad files
+            raise ValueError(
+                f"{file} is not a valid Hugging Face tokenizer.json ({error}). "
+                "Re-create it with train_bpe(...).save() or load_clip_bpe(...).save()."
+            ) from error
+        return cls(backend, source=str(file))
+
+    def _clean(self, text: str) -> str:
+        return _clip_clean(text) if self._clip_cleaning else text
+
+
+def _read_padding(config: dict, source: str) -> tuple[int, int]:
+    """Returns (context_length, pad_id) from a tokenizer.json's padding/truncation fields."""
+    padding, truncation = config.get("padding"), config.get("truncation")
+    fixed = (padding or {}).get("strategy")
+    if not isinstance(fixed, dict) or "Fixed" not in fixed or not truncation:
+        raise ValueError(
+            f"{source} has no fixed-length padding and truncation, so its context length is "
+            "unknown. Create tokenizers with train_bpe() or load_clip_bpe(), which record it."
+        )
+    if truncation.get("max_length") != fixed["Fixed"]:
+        raise ValueError(
+            f"{source}: padding length {fixed['Fixed']} differs from truncation max_length "
+            f"{truncation.get('max_length')}; set both to the same context length."
+        )
+    return int(fixed["Fixed"]), int(padding["pad_id"])
+
+
+def _read_template(config: dict, source: str) -> tuple[int, int]:
+    """Returns (sot_id, eot_id) from a tokenizer.json's TemplateProcessing post-processor."""
+    post = config.get("post_processor") or {}
+    single = post.get("single") or []
+    specials = post.get("special_tokens") or {}
+    if (
+        post.get("type") != "TemplateProcessing"
+        or len(single) < 3
+        or "SpecialToken" not in single[0]
+        or "SpecialToken" not in single[-1]
+    ):
+        raise ValueError(
+            f"{source} lacks a TemplateProcessing post-processor of the form '<sot> $A <eot>'. "
+            "Create tokenizers with train_bpe() or load_clip_bpe(), which add it."
+        )
+    sot, eot = (specials[item["SpecialToken"]["id"]]["ids"][0] for item in (single[0], single[-1]))
+    return int(sot), int(eot)
+
+
+def _caption_normalizer() -> normalizers.Normalizer:
+    """NFC, collapse whitespace runs to one space, strip, lower-case."""
+    return normalizers.Sequence(
+        [
+            normalizers.NFC(),
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Strip(),
+            normalizers.Lowercase(),
+        ]
+    )
+
+
+def _finish(backend: tokenizers.Tokenizer, sot: str, eot: str, pad_id: int, context_length: int) -> None:
+    """Records sot/eot, padding and truncation in the backend so they survive save/load."""
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{sot} $A {eot}",
+        special_tokens=[(sot, backend.token_to_id(sot)), (eot, backend.token_to_id(eot))],
+    )
+    backend.enable_padding(length=context_length, pad_id=pad_id, pad_token=backend.id_to_token(pad_id))
+    backend.enable_truncation(max_length=context_length)
+
+
+def _check_context_length(context_length: int) -> None:
+    if context_length < 2:
+        raise ValueError(f"context_length must be at least 2 (sot + eot), got {context_length}")
+
+
+def train_bpe(
+    texts: Iterable[str], vocab_size: int = 1024, context_length: int = 32, min_frequency: int = 1
+) -> Tokenizer:
+    """Learns a byte-level BPE tokenizer (at most ``vocab_size`` tokens) from captions.
+
+    Text is NFC-normalised, whitespace-collapsed, stripped and lower-cased. Special ids are fixed:
+    ``<pad>`` = 0, ``<start_of_text>`` = 1, ``<end_of_text>`` = 2. Training is deterministic.
+    """
+    if isinstance(texts, str):
+        raise TypeError("train_bpe() takes an iterable of captions, not one str; wrap it in a list")
+    if vocab_size < _MIN_BYTE_VOCAB:
+        raise ValueError(
+            f"vocab_size must be at least {_MIN_BYTE_VOCAB} (256 bytes + 3 special tokens), "
+            f"got {vocab_size}"
+        )
+    _check_context_length(context_length)
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.normalizer = _caption_normalizer()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[PAD_TOKEN, SOT_TOKEN, EOT_TOKEN],  # ids 0, 1, 2 in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    _finish(backend, SOT_TOKEN, EOT_TOKEN, pad_id=0, context_length=context_length)
+    return Tokenizer(backend, source="train_bpe()")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Maps each byte 0..255 to a printable character, in GPT-2 / CLIP order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]  # controls, space, ... -> chr(256 + n)
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    """Reads a CLIP merges file (plain or gzip), skipping its header line, as CLIP does."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CLIP merges file not found: {path}. Pass the path of bpe_simple_vocab_16e6.txt(.gz) "
+            "from the OpenAI CLIP repository."
+        )
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    try:
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); is it really a merges file?") from error
+    body = lines[1 : CLIP_MAX_MERGES + 1]
+    while body and not body[-1].strip():
+        body.pop()
+    merges = []
+    for number, line in enumerate(body, start=2):
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(
+                f"{path}, line {number}: expected one merge as two tokens separated by a space "
+                f"(e.g. 'i n'), got {line!r}. Fix or remove that line."
+            )
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _clip_vocab(path: Path, merges: list[tuple[str, str]]) -> dict[str, int]:
+    """Builds CLIP's vocabulary: bytes, bytes + '</w>', one token per merge, sot, eot."""
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + CLIP_WORD_END for c in chars] + ["".join(m) for m in merges]
+    vocab = {token: i for i, token in enumerate(tokens + [CLIP_SOT, CLIP_EOT])}  # later ids win, as in CLIP
+    for number, (left, right) in enumerate(merges, start=2):
+        for part in (left, right):
+            if part not in vocab:
+                raise ValueError(
+                    f"{path}, line {number}: merge part {part!r} is neither a byte character nor "
+                    "the result of another merge. The file is corrupt or not a CLIP merges file."
+                )
+    return vocab
+
+
+def load_clip_bpe(merges_path: str | os.PathLike, context_length: int = 77) -> Tokenizer:
+    """Builds OpenAI CLIP's tokenizer from its merges file (``.txt`` or ``.txt.gz``).
+
+    Ids match OpenAI CLIP: with the full file sot = 49406, eot = 49407, vocab_size = 49408.
+    Captions are padded with 0, as CLIP does.
+    """
+    _check_context_length(context_length)
+    path = Path(merges_path)
+    merges = _read_merges(path)
+    vocab = _clip_vocab(path, merges)
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, end_of_word_suffix=CLIP_WORD_END)
+    )
+    backend.add_special_tokens([CLIP_SOT, CLIP_EOT])
+    backend.normalizer = _caption_normalizer()  # for other readers; cliptrain uses _clip_clean
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            # invert=True keeps the regex matches and drops what lies between them (whitespace)
+            pre_tokenizers.Split(Regex("(?i)" + CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    # No decoders.Strip for the trailing space: it panics on empty input (tokenizers 0.23).
+    backend.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace(CLIP_WORD_END, " ")])
+    _finish(backend, CLIP_SOT, CLIP_EOT, pad_id=0, context_length=context_length)
+    return Tokenizer(backend, source=str(path))
+
+
+def _clip_clean(text: str) -> str:
+    """Cleans text exactly as OpenAI CLIP does (NFC stands in for ftfy when it is missing)."""
+    text = ftfy.fix_text(text) if ftfy is not None else unicodedata.normalize("NFC", text)
+    text = html.unescape(html.unescape(text)).strip()
+    return _WHITESPACE.sub(" ", text).strip().lower()

@@ -1,0 +1,45 @@
+"""Numeric precision: choosing it, autocast contexts, and the fp16 gradient scaler."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are hardware-accelerated on `device` (Ampere+ GPU, or a CPU with AVX-512 BF16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability in ("AVX512_BF16", "AMX"):
+            return True
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn "auto" into bf16 where the hardware runs it fast, else fp32; validate the rest."""
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    if precision == "fp16" and device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
+        raise ValueError("fp16 on CPU needs torch >= 2.3 (torch.amp.GradScaler); use bf16 or fp32")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """A `torch.autocast` context for bf16/fp16, or a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler, enabled only for fp16 (it is a pass-through otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -1,0 +1,267 @@
+"""The training loop: exact gradient accumulation, mixed precision, clipping, schedules, logging,
+evaluation on a schedule, atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cliptrain.config import RunConfig, to_dict
+from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader
+from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
+from cliptrain.logging import Meter, MetricSinks
+from cliptrain.losses import build_objective
+from cliptrain.models.clip import ModelOutput
+from cliptrain.training import checkpoint as ckpt
+from cliptrain.training.optim import build_optimizer, lr_at, set_lr
+from cliptrain.training.precision import autocast, grad_scaler, resolve_precision
+
+# ModelOutput fields holding one row per sample; the others (logit_scale, logit_bias) are shared.
+PER_SAMPLE_FIELDS = ("image_features", "text_features")
+
+
+class Trainer:
+    """Trains `model` on `train_data` as configured, evaluating on `evalset` and saving to `run_dir`."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer, train_data: PairDataset,
+                 evalset: EvalSet | None, run_dir: str | Path, device: torch.device | None = None):
+        self.cfg, self.tokenizer, self.train_data, self.evalset = cfg, tokenizer, train_data, evalset
+        self.run_dir = Path(run_dir)
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.objective = build_objective("contrastive")
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.steps_per_epoch = len(train_data) // cfg.train.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has {len(train_data)} samples, fewer than one batch "
+                             f"(train.batch_size={cfg.train.batch_size}); lower the batch size or add data")
+        self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
+        self.step = 0
+        self.meters: dict[str, Meter] = {}
+        self.sinks: MetricSinks | None = None
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimizer step on `batch` (split into `accum_steps` micro-batches); returns detached losses."""
+        self.model.train()
+        set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.cfg.optim))
+        self.optimizer.zero_grad(set_to_none=True)
+        batch = batch.to(self.device)
+        if self.cfg.train.accum_steps == 1:
+            losses = self._forward_backward(batch.images, batch.texts)
+        else:
+            losses = self._accumulated_forward_backward(batch.images, batch.texts, self.cfg.train.accum_steps)
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.grad_clip is not None:
+            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        ckpt.unwrap(self.model).clamp_logit_scale()
+        self.step += 1
+        return losses
+
+    def _losses(self, output: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        losses = self.objective(output)
+        total = sum(losses.values())
+        return total, {**{k: v.detach() for k, v in losses.items()}, "loss": total.detach()}
+
+    def _forward_backward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(self.precision, self.device):
+            output = self.model(images, texts)
+        total, logged = self._losses(output)
+        self.scaler.scale(total).backward()
+        return logged
+
+    def _accumulated_forward_backward(self, images: torch.Tensor, texts: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+        """Exact accumulation: the loss sees the whole batch as negatives.
+
+        1. Encode every micro-batch without gradients and join the outputs.
+        2. Compute the loss on the joined outputs; take its gradient w.r.t. each output tensor.
+        3. Re-encode each micro-batch with gradients and back-propagate its slice of those output
+           gradients. Shared outputs (logit scale, bias) receive their gradient once, in the first
+           micro-batch, so they are not counted k times.
+        """
+        chunks = list(zip(images.chunk(k), texts.chunk(k)))
+        with torch.no_grad(), autocast(self.precision, self.device):
+            outs = [self.model(i, t) for i, t in chunks]
+        joined = {}
+        for f in dataclasses.fields(ModelOutput):
+            values = [getattr(o, f.name) for o in outs]
+            if values[0] is None:
+                joined[f.name] = None
+                continue
+            value = torch.cat(values) if f.name in PER_SAMPLE_FIELDS else values[0]
+            joined[f.name] = value.float().requires_grad_(True)
+        total, logged = self._losses(ModelOutput(**joined))
+        names = [n for n, v in joined.items() if v is not None]
+        grads = dict(zip(names, torch.autograd.grad(self.scaler.scale(total), [joined[n] for n in names],
+                                                    allow_unused=True)))
+        sizes = [len(i) for i, _ in chunks]
+        sliced = {n: grads[n].split(sizes) if grads[n] is not None else [None] * k for n in PER_SAMPLE_FIELDS}
+        for j, (i, t) in enumerate(chunks):
+            with autocast(self.precision, self.device):
+                out = self.model(i, t)
+            terms = [(getattr(out, n).float() * sliced[n][j]).sum() for n in PER_SAMPLE_FIELDS if sliced[n][j] is not None]
+            if j == 0:
+                terms += [(getattr(out, n).float() * grads[n]).sum() for n in names
+                          if n not in PER_SAMPLE_FIELDS and grads[n] is not None]
+            torch.stack(terms).sum().backward()
+        return logged
+
+    # ------------------------------------------------------------------ the loop
+    def loader(self, epoch: int, start_step: int = 0):
+        """Training batches of `epoch`, starting at its `start_step`-th batch."""
+        bs = self.cfg.train.batch_size
+        sampler = EpochSampler(len(self.train_data), epoch, self.cfg.train.seed, start_step * bs, bs)
+        return make_loader(self.train_data, self.tokenizer, bs, sampler, self.cfg.data.workers,
+                           pin_memory=self.device.type == "cuda")
+
+    def fit(self, stop_at: int | None = None) -> dict[str, float]:
+        """Train until the budget (or step `stop_at`) is reached; returns the final evaluation."""
+        self._open_sinks()
+        stop = min(self.total_steps, stop_at or self.total_steps)
+        progress = self._progress(stop)
+        results: dict[str, float] = {}
+        try:
+            while self.step < stop:
+                epoch, start = divmod(self.step, self.steps_per_epoch)
+                self._run_epoch(epoch, start, stop, progress)
+                at_epoch_end = self.step % self.steps_per_epoch == 0
+                every = self.cfg.eval.every_epochs
+                if at_epoch_end and every and (epoch + 1) % every == 0 and self.step < self.total_steps:
+                    self.run_eval()
+            if self.cfg.train.save_every == 0 or self.step % self.cfg.train.save_every:
+                self.save()
+            if self.step >= self.total_steps:
+                results = self.run_eval(final=True)
+        finally:
+            if progress is not None:
+                progress.close()
+            self.sinks.close()
+        return results
+
+    def _run_epoch(self, epoch: int, start: int, stop: int, progress) -> None:
+        t_data = time.perf_counter()
+        for batch in self.loader(epoch, start):
+            t_step = time.perf_counter()
+            self._update_meters(self.train_step(batch), len(batch), t_step - t_data, time.perf_counter() - t_step)
+            if progress is not None:
+                progress.update(1)
+            if self.step % self.cfg.train.log_every == 0 or self.step == stop:
+                self._log_train(progress)
+            if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
+                self.save()
+            if self.step >= stop:
+                return
+            t_data = time.perf_counter()
+
+    # ------------------------------------------------------------------ metrics
+    def _update_meters(self, losses: dict[str, torch.Tensor], n: int, data_time: float, step_time: float) -> None:
+        values = {**losses, "data_time": data_time, "step_time": step_time}
+        for key, value in values.items():
+            self.meters.setdefault(key, Meter()).update(value, 1)
+        self.meters.setdefault("samples", Meter()).update(float(n), 1)
+
+    def _log_train(self, progress) -> None:
+        m = {k: v.avg for k, v in self.meters.items() if k != "samples"}
+        busy = self.meters["step_time"].total + self.meters["data_time"].total
+        m["samples_per_s"] = self.meters["samples"].total / max(busy, 1e-9)
+        m["data_fraction"] = self.meters["data_time"].total / max(busy, 1e-9)
+        m["lr"] = self.optimizer.param_groups[0]["lr"]
+        m["logit_scale"] = float(ckpt.unwrap(self.model).logit_scale.detach().exp())
+        m["epoch"] = self.step / self.steps_per_epoch
+        m["eta_s"] = (self.total_steps - self.step) * busy / max(1, self.meters["samples"].count)
+        self.sinks.log("train", self.step, m)
+        if progress is not None:
+            progress.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", scale=f"{m['logit_scale']:.1f}",
+                                 sps=f"{m['samples_per_s']:.0f}")
+        else:
+            print(f"step {self.step}/{self.total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                  f"scale {m['logit_scale']:.1f} {m['samples_per_s']:.0f} samples/s", flush=True)
+        for meter in self.meters.values():
+            meter.reset()
+
+    def _progress(self, stop: int):
+        if not self.cfg.train.progress:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=stop, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _open_sinks(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        t = self.cfg.train
+        self.sinks = MetricSinks(self.run_dir, t.tensorboard, t.wandb, t.wandb_project, to_dict(self.cfg), self.step)
+
+    def run_eval(self, final: bool = False) -> dict[str, float]:
+        """Evaluate now, log the results, and (at the end) print the table and write results files."""
+        if self.evalset is None:
+            return {}
+        e = self.cfg.eval
+        results = evaluate(ckpt.unwrap(self.model), self.evalset, self.tokenizer, self.device, self.precision,
+                           e.batch_size, self.cfg.data.workers, e.val_loss, e.retrieval, e.zeroshot)
+        results["epoch"] = self.step / self.steps_per_epoch
+        self.sinks.log("eval", self.step, results)
+        if final:
+            title = f"{self.cfg.model.name} after {self.step} steps"
+            write_results(results, self.run_dir, title)
+            print("\n" + format_table(results, title), flush=True)
+        return results
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        """What state.json records: position in the run, schedule length and RNG states."""
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        return {"step": self.step, "epoch": epoch, "batch_in_epoch": in_epoch,
+                "samples_in_epoch": in_epoch * self.cfg.train.batch_size,
+                "batch_size": self.cfg.train.batch_size, "total_steps": self.total_steps,
+                "precision": self.precision, "rng": ckpt.rng_state()}
+
+    def config_yaml(self) -> str:
+        """The run config with the model architecture written out in full."""
+        import yaml
+        data = to_dict(self.cfg)
+        data["model"]["arch"] = to_dict(ckpt.unwrap(self.model).cfg)
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def save(self) -> Path:
+        """Write a checkpoint for the current step and prune old ones."""
+        path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.step), self.model, self.optimizer,
+                                    self.state(), self.config_yaml(), self.scaler, self.tokenizer)
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last + 1)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint directory: weights, optimizer, scaler, step and RNG."""
+        ckpt.load_model_weights(self.model, path)
+        state = ckpt.load_training_state(path, self.optimizer, self.scaler)
+        if state["batch_size"] != self.cfg.train.batch_size:
+            raise ValueError(f"checkpoint {path} was trained with train.batch_size={state['batch_size']}; "
+                             f"resume with the same batch size (got {self.cfg.train.batch_size})")
+        self.step = state["step"]
+        if state["total_steps"] != self.total_steps:
+            print(f"note: the schedule length changed from {state['total_steps']} to {self.total_steps} steps; "
+                  f"the learning rate at step {self.step} is now "
+                  f"{lr_at(self.step, self.total_steps, self.cfg.optim):.3e} "
+                  f"(was {lr_at(self.step, state['total_steps'], self.cfg.optim):.3e})", flush=True)
+        print(f"resumed from {path} at step {self.step}", flush=True)
+
+
+def mfu_flops_per_sample(model: nn.Module) -> float:
+    """Approximate training FLOPs per sample (forward + backward = 3 x forward matmul FLOPs)."""
+    cfg = ckpt.unwrap(model).cfg
+    v, t = cfg.vision, cfg.text
+    n_img = (v.image_size // v.patch_size) ** 2 + 1
+
+    def tower(width: int, layers: int, tokens: int, mlp_ratio: float) -> float:
+        per_layer = 2 * tokens * (4 * width * width + 2 * width * width * mlp_ratio) + 4 * tokens * tokens * width
+        return layers * per_layer
+
+    fwd = tower(v.width, v.layers, n_img, v.mlp_ratio) + tower(t.width, t.layers, t.context_length, t.mlp_ratio)
+    fwd += 2 * (n_img - 1) * 3 * v.patch_size ** 2 * v.width + 2 * (v.width + t.width) * cfg.embed_dim
+    return 3 * fwd if math.isfinite(fwd) else 0.0
