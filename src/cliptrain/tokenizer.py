@@ -16,6 +16,10 @@ Two flavours share one class, :class:`Tokenizer`, and one file format, a Hugging
 
 Both flavours record ``context_length`` (fixed padding and truncation length), the pad id and the
 start/end-of-text tokens (a ``TemplateProcessing`` post-processor) in the file itself.
+
+Special-token strings inside a caption (``<end_of_text>``, ``<|endoftext|>``) become the special
+id, as in OpenAI CLIP. Find the end of a caption with ``ids == eot_id``: only in the CLIP flavour
+is eot the largest id (``argmax``); trained tokenizers use ``<end_of_text>`` = 2.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ CLIP_PATTERN = (
 )
 _MIN_BYTE_VOCAB = 256 + 3  # every byte plus the three special tokens
 _WHITESPACE = re.compile(r"\s+")
+_CLIP_SPECIAL = re.compile(re.escape(CLIP_SOT) + "|" + re.escape(CLIP_EOT))
 
 
 class Tokenizer:
@@ -62,14 +67,14 @@ class Tokenizer:
         self._context_length, self._pad_id = _read_padding(config, source)
         self._sot_id, self._eot_id = _read_template(config, source)
         self._clip_cleaning = backend.token_to_id(CLIP_SOT) is not None
-        # Runtime copy: no padding/truncation (done in __call__ for any length), and for the CLIP
-        # flavour no normalizer, because _clip_clean already did all of CLIP's cleaning.
-        runtime = tokenizers.Tokenizer.from_str(backend.to_str())
-        runtime.no_padding()
-        runtime.no_truncation()
+        self._clip_specials = {t: backend.token_to_id(t) for t in (CLIP_SOT, CLIP_EOT)}
+        # The runtime copy only maps text to ids: sot/eot, padding and truncation are added in
+        # Python (any length). For the CLIP flavour Python also does all cleaning and finds the
+        # special tokens in the text where CLIP's regex would (see _clip_segments).
+        config.update(padding=None, truncation=None, post_processor=None)
         if self._clip_cleaning:
-            runtime.normalizer = None
-        self._runtime = runtime
+            config.update(normalizer=None, added_tokens=[])
+        self._runtime = tokenizers.Tokenizer.from_str(json.dumps(config))
         self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
 
     @property
@@ -99,41 +104,32 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         flavour = "clip" if self._clip_cleaning else "trained"
-        return (
-            f"Tokenizer({flavour}, vocab_size={self.vocab_size}, "
-            f"context_length={self.context_length})"
-        )
+        return f"Tokenizer({flavour}, vocab_size={self.vocab_size}, context_length={self.context_length})"
 
     def encode(self, text: str) -> list[int]:
         """Returns ``[sot] + ids + [eot]`` for one caption, without padding or truncation."""
         if not isinstance(text, str):
-            raise TypeError(f"encode() takes one str, got {type(text).__name__}; use __call__ for a batch")
-        return self._runtime.encode(self._clean(text)).ids
+            raise TypeError(f"encode() takes one str, got {type(text).__name__}; for a batch call tok(texts)")
+        return [self._sot_id, *self._encode_bodies([text])[0], self._eot_id]
 
     def __call__(
         self, texts: str | Sequence[str], context_length: int | None = None
     ) -> torch.Tensor:
         """Returns a LongTensor ``[N, L]`` of ids: padded with ``pad_id``, truncated to keep eot last."""
         length = self._context_length if context_length is None else int(context_length)
-        if length < 2:
-            raise ValueError(f"context_length must be at least 2 (sot + eot), got {length}")
+        _check_context_length(length)
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
         if bad:
-            raise TypeError(f"texts must be a str or a sequence of str; found items of type {bad[0]}")
+            raise TypeError(f"texts must be a str or a sequence of str; found an item of type {bad[0]}")
         if not texts:
             return torch.empty((0, length), dtype=torch.long)
-        encodings = self._runtime.encode_batch([self._clean(t) for t in texts])
         rows = []
-        for encoding in encodings:
-            ids = encoding.ids
-            if len(ids) > length:
-                ids = ids[: length - 1] + [self._eot_id]
-            else:
-                ids = ids + [self._pad_id] * (length - len(ids))
-            rows.append(ids)
+        for body in self._encode_bodies(texts):
+            ids = [self._sot_id, *body[: length - 2], self._eot_id]
+            rows.append(ids + [self._pad_id] * (length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
@@ -185,8 +181,20 @@ class Tokenizer:
             ) from error
         return cls(backend, source=str(file))
 
-    def _clean(self, text: str) -> str:
-        return _clip_clean(text) if self._clip_cleaning else text
+    def _encode_bodies(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text without sot/eot, encoded as one batch."""
+        if not self._clip_cleaning:
+            return [e.ids for e in self._runtime.encode_batch(texts, add_special_tokens=False)]
+        segmented = [_clip_segments(_clip_clean(t), self._clip_specials) for t in texts]
+        pieces = [piece for segments in segmented for piece in segments if isinstance(piece, str)]
+        encoded = iter(self._runtime.encode_batch(pieces, add_special_tokens=False))
+        bodies = []
+        for segments in segmented:
+            body: list[int] = []
+            for piece in segments:
+                body.extend(next(encoded).ids if isinstance(piece, str) else [piece])
+            bodies.append(body)
+        return bodies
 
 
 def _read_padding(config: dict, source: str) -> tuple[int, int]:
@@ -211,30 +219,20 @@ def _read_template(config: dict, source: str) -> tuple[int, int]:
     post = config.get("post_processor") or {}
     single = post.get("single") or []
     specials = post.get("special_tokens") or {}
-    if (
-        post.get("type") != "TemplateProcessing"
-        or len(single) < 3
-        or "SpecialToken" not in single[0]
-        or "SpecialToken" not in single[-1]
-    ):
+    ends = (single[0], single[-1]) if len(single) >= 3 else ({}, {})
+    if post.get("type") != "TemplateProcessing" or not all("SpecialToken" in item for item in ends):
         raise ValueError(
             f"{source} lacks a TemplateProcessing post-processor of the form '<sot> $A <eot>'. "
             "Create tokenizers with train_bpe() or load_clip_bpe(), which add it."
         )
-    sot, eot = (specials[item["SpecialToken"]["id"]]["ids"][0] for item in (single[0], single[-1]))
+    sot, eot = (specials[item["SpecialToken"]["id"]]["ids"][0] for item in ends)
     return int(sot), int(eot)
 
 
 def _caption_normalizer() -> normalizers.Normalizer:
     """NFC, collapse whitespace runs to one space, strip, lower-case."""
-    return normalizers.Sequence(
-        [
-            normalizers.NFC(),
-            normalizers.Replace(Regex(r"\s+"), " "),
-            normalizers.Strip(),
-            normalizers.Lowercase(),
-        ]
-    )
+    collapse = normalizers.Replace(Regex(r"\s+"), " ")
+    return normalizers.Sequence([normalizers.NFC(), collapse, normalizers.Strip(), normalizers.Lowercase()])
 
 
 def _finish(backend: tokenizers.Tokenizer, sot: str, eot: str, pad_id: int, context_length: int) -> None:
@@ -248,6 +246,7 @@ def _finish(backend: tokenizers.Tokenizer, sot: str, eot: str, pad_id: int, cont
 
 
 def _check_context_length(context_length: int) -> None:
+    """Raises ValueError unless there is room for at least sot and eot."""
     if context_length < 2:
         raise ValueError(f"context_length must be at least 2 (sot + eot), got {context_length}")
 
@@ -286,7 +285,8 @@ def train_bpe(
 
 def _bytes_to_unicode() -> dict[int, str]:
     """Maps each byte 0..255 to a printable character, in GPT-2 / CLIP order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
     others = [b for b in range(256) if b not in printable]  # controls, space, ... -> chr(256 + n)
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
@@ -324,7 +324,8 @@ def _clip_vocab(path: Path, merges: list[tuple[str, str]]) -> dict[str, int]:
     """Builds CLIP's vocabulary: bytes, bytes + '</w>', one token per merge, sot, eot."""
     chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + CLIP_WORD_END for c in chars] + ["".join(m) for m in merges]
-    vocab = {token: i for i, token in enumerate(tokens + [CLIP_SOT, CLIP_EOT])}  # later ids win, as in CLIP
+    # A token listed twice keeps its later id, as CLIP's dict(zip(vocab, range(len(vocab)))) does.
+    vocab = {token: i for i, token in enumerate(tokens + [CLIP_SOT, CLIP_EOT])}
     for number, (left, right) in enumerate(merges, start=2):
         for part in (left, right):
             if part not in vocab:
@@ -345,9 +346,7 @@ def load_clip_bpe(merges_path: str | os.PathLike, context_length: int = 77) -> T
     path = Path(merges_path)
     merges = _read_merges(path)
     vocab = _clip_vocab(path, merges)
-    backend = tokenizers.Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, end_of_word_suffix=CLIP_WORD_END)
-    )
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix=CLIP_WORD_END))
     backend.add_special_tokens([CLIP_SOT, CLIP_EOT])
     backend.normalizer = _caption_normalizer()  # for other readers; cliptrain uses _clip_clean
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -361,6 +360,30 @@ def load_clip_bpe(merges_path: str | os.PathLike, context_length: int = 77) -> T
     backend.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace(CLIP_WORD_END, " ")])
     _finish(backend, CLIP_SOT, CLIP_EOT, pad_id=0, context_length=context_length)
     return Tokenizer(backend, source=str(path))
+
+
+def _clip_segments(text: str, specials: dict[str, int]) -> list[str | int]:
+    """Splits cleaned text into plain pieces and the ids of special tokens CLIP would see.
+
+    CLIP's regex matches "<|endoftext|>" only where a new match starts: at the start, after
+    whitespace, a letter, a digit or another special token. After other punctuation the
+    punctuation run swallows its "<|", and it is encoded as ordinary text.
+    """
+    if "<|" not in text:
+        return [text]
+    segments: list[str | int] = []
+    start = 0
+    for match in _CLIP_SPECIAL.finditer(text):
+        i = match.start()
+        prev = text[i - 1] if i > 0 else " "
+        if i == start or prev.isspace() or unicodedata.category(prev)[0] in "LN":
+            if i > start:
+                segments.append(text[start:i])
+            segments.append(specials[match.group()])
+            start = match.end()
+    if start < len(text):
+        segments.append(text[start:])
+    return segments
 
 
 def _clip_clean(text: str) -> str:

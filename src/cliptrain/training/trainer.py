@@ -2,7 +2,6 @@
 evaluation on a schedule, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -15,14 +14,10 @@ from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader
 from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
 from cliptrain.logging import Meter, MetricSinks
 from cliptrain.losses import build_objective
-from cliptrain.models.clip import ModelOutput
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.optim import build_optimizer, lr_at, set_lr
-from cliptrain.training.precision import autocast, grad_scaler, resolve_precision
-
-# ModelOutput fields holding one row per sample; the others (logit_scale, logit_bias) are shared.
-PER_SAMPLE_FIELDS = ("image_features", "text_features")
-
+from cliptrain.training.precision import grad_scaler, resolve_precision
+from cliptrain.training.step import forward_backward
 
 class Trainer:
     """Trains `model` on `train_data` as configured, evaluating on `evalset` and saving to `run_dir`."""
@@ -53,10 +48,8 @@ class Trainer:
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.cfg.optim))
         self.optimizer.zero_grad(set_to_none=True)
         batch = batch.to(self.device)
-        if self.cfg.train.accum_steps == 1:
-            losses = self._forward_backward(batch.images, batch.texts)
-        else:
-            losses = self._accumulated_forward_backward(batch.images, batch.texts, self.cfg.train.accum_steps)
+        losses = forward_backward(self.model, self.objective, batch.images, batch.texts,
+                                  self.cfg.train.accum_steps, self.precision, self.scaler)
         self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip is not None:
             losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -65,54 +58,6 @@ class Trainer:
         ckpt.unwrap(self.model).clamp_logit_scale()
         self.step += 1
         return losses
-
-    def _losses(self, output: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses = self.objective(output)
-        total = sum(losses.values())
-        return total, {**{k: v.detach() for k, v in losses.items()}, "loss": total.detach()}
-
-    def _forward_backward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
-        with autocast(self.precision, self.device):
-            output = self.model(images, texts)
-        total, logged = self._losses(output)
-        self.scaler.scale(total).backward()
-        return logged
-
-    def _accumulated_forward_backward(self, images: torch.Tensor, texts: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-        """Exact accumulation: the loss sees the whole batch as negatives.
-
-        1. Encode every micro-batch without gradients and join the outputs.
-        2. Compute the loss on the joined outputs; take its gradient w.r.t. each output tensor.
-        3. Re-encode each micro-batch with gradients and back-propagate its slice of those output
-           gradients. Shared outputs (logit scale, bias) receive their gradient once, in the first
-           micro-batch, so they are not counted k times.
-        """
-        chunks = list(zip(images.chunk(k), texts.chunk(k)))
-        with torch.no_grad(), autocast(self.precision, self.device):
-            outs = [self.model(i, t) for i, t in chunks]
-        joined = {}
-        for f in dataclasses.fields(ModelOutput):
-            values = [getattr(o, f.name) for o in outs]
-            if values[0] is None:
-                joined[f.name] = None
-                continue
-            value = torch.cat(values) if f.name in PER_SAMPLE_FIELDS else values[0]
-            joined[f.name] = value.float().requires_grad_(True)
-        total, logged = self._losses(ModelOutput(**joined))
-        names = [n for n, v in joined.items() if v is not None]
-        grads = dict(zip(names, torch.autograd.grad(self.scaler.scale(total), [joined[n] for n in names],
-                                                    allow_unused=True)))
-        sizes = [len(i) for i, _ in chunks]
-        sliced = {n: grads[n].split(sizes) if grads[n] is not None else [None] * k for n in PER_SAMPLE_FIELDS}
-        for j, (i, t) in enumerate(chunks):
-            with autocast(self.precision, self.device):
-                out = self.model(i, t)
-            terms = [(getattr(out, n).float() * sliced[n][j]).sum() for n in PER_SAMPLE_FIELDS if sliced[n][j] is not None]
-            if j == 0:
-                terms += [(getattr(out, n).float() * grads[n]).sum() for n in names
-                          if n not in PER_SAMPLE_FIELDS and grads[n] is not None]
-            torch.stack(terms).sum().backward()
-        return logged
 
     # ------------------------------------------------------------------ the loop
     def loader(self, epoch: int, start_step: int = 0):

@@ -1,0 +1,34 @@
+"""Shared fixtures: a very small model config and a fast run config for loop tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cliptrain.config import load_config
+
+# A CLIP small enough that a training step takes milliseconds.
+MICRO_ARCH = {"embed_dim": 32,
+              "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
+              "text": {"context_length": 16, "width": 32, "layers": 2, "heads": 2, "vocab_size": 512}}
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+def micro_config(tmp_path, **sections):
+    """A RunConfig training MICRO_ARCH on a few hundred shapes samples, in fp32, without progress bars."""
+    base = {
+        "model": {"name": "tiny", "arch": MICRO_ARCH},
+        "data": {"train_samples": 256, "val_samples": 64, "workers": 0},
+        "tokenizer": {"vocab_size": 300},
+        "optim": {"warmup_steps": 2},
+        "train": {"batch_size": 32, "steps": 6, "precision": "fp32", "output_dir": str(tmp_path),
+                  "name": "run", "progress": False, "log_every": 2},
+        "eval": {"every_epochs": 0, "batch_size": 64},
+    }
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values}
+    return load_config(None, base)

@@ -1,0 +1,56 @@
+import pytest
+
+from cliptrain.config import ConfigError, RunConfig, load_config, parse_overrides, save_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(None, ["--optim.lr", "1e-3", "--train.precision=fp32", "--augment.scale", "[0.5, 1]",
+                             "--model.arch.vision.layers", "2"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.precision == "fp32"
+    assert cfg.augment.scale == (0.5, 1.0)
+    assert cfg.model.arch == {"vision": {"layers": 2}}
+
+
+def test_yaml_then_cli_and_round_trip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  batch_size: 64\n  steps: 10\noptim:\n  lr: 0.002\n")
+    cfg = load_config(path, ["--optim.lr", "0.003"])
+    assert (cfg.train.batch_size, cfg.train.steps, cfg.optim.lr) == (64, 10, 0.003)
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert load_config() == RunConfig()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optim.lrr", "1"], "unknown key 'optim.lrr' (did you mean 'lr'?); allowed keys in 'optim': lr, weight_decay, "
+                           "betas, eps, schedule, warmup_steps, cooldown_steps, min_lr, grad_clip"),
+    (["--trian.steps", "1"], "unknown key 'trian' (did you mean 'train'?)"),
+    (["--train.precision", "fp8"], "train.precision: 'fp8' is not allowed; choose one of 'auto', 'fp32', 'bf16', 'fp16'"),
+    (["--train.batch_size", "x"], "train.batch_size: expected an integer, got 'x'"),
+    (["--train.batch_size", "10", "--train.accum_steps", "3"],
+     "train.batch_size (10) must be divisible by train.accum_steps (3)"),
+    (["--optim.lr", "-1"], "optim.lr must be > 0, got -1.0"),
+    (["--augment.scale", "[0.5, 2]"], "augment.scale must satisfy 0 < min <= max <= 1, got (0.5, 2.0)"),
+    (["--train.tensorboard", "maybe"], "train.tensorboard: expected true or false, got 'maybe'"),
+    (["--data.source", "table"], "data.train_path is required when data.source is 'table'"),
+    (["train.lr", "1"], "expected an option like --train.lr 1e-3, got 'train.lr'"),
+    (["--optim.lr"], "option --optim.lr needs a value"),
+])
+def test_errors_name_the_key(args, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, args)
+    assert message in str(info.value)
+
+
+def test_missing_file_and_bad_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(bad)
+
+
+def test_parse_overrides_nesting():
+    assert parse_overrides(["--a.b.c", "1", "--a.b.d=x", "--e", "[1, 2]"]) == {"a": {"b": {"c": 1, "d": "x"}}, "e": [1, 2]}

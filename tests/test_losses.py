@@ -1,0 +1,44 @@
+import math
+
+import torch
+
+from cliptrain.losses import ContrastiveLoss, contrastive_loss
+from cliptrain.models.clip import ModelOutput
+
+
+def plain_contrastive(img, txt, scale):
+    """Textbook symmetric InfoNCE with explicit loops."""
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        row = [scale * float(img[i] @ txt[j]) for j in range(n)]
+        col = [scale * float(img[j] @ txt[i]) for j in range(n)]
+        total += -(row[i] - math.log(sum(math.exp(v) for v in row)))
+        total += -(col[i] - math.log(sum(math.exp(v) for v in col)))
+    return total / (2 * n)
+
+
+def test_contrastive_loss_equals_plain_formula():
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=-1)
+    got = contrastive_loss(img.float(), txt.float(), torch.tensor(10.0))
+    assert abs(float(got) - plain_contrastive(img, txt, 10.0)) < 1e-5
+
+
+def test_perfect_alignment_and_module_output():
+    eye = torch.eye(4)
+    loss = ContrastiveLoss()(ModelOutput(eye, eye, torch.tensor(100.0)))
+    # each row: logsumexp over {100, 0, 0, 0} minus 100
+    expected = math.log(1 + 3 * math.exp(-100))
+    assert set(loss) == {"contrastive"}
+    assert abs(float(loss["contrastive"]) - expected) < 1e-6
+
+
+def test_bf16_features_computed_in_float32():
+    g = torch.Generator().manual_seed(2)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    a = contrastive_loss(img.bfloat16(), txt.bfloat16(), torch.tensor(14.0))
+    assert a.dtype == torch.float32
+    assert abs(float(a) - float(contrastive_loss(img, txt, torch.tensor(14.0)))) < 0.05
