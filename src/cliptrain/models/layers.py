@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class QuickGELU(nn.Module):
@@ -34,7 +35,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # On CPU the fused bf16 kernel's backward is several times slower than the matmul-based one.
+            with sdpa_kernel(SDPBackend.MATH):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
         return self.out(y.transpose(1, 2).reshape(b, n, w))
 
 

@@ -1,0 +1,77 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from cliptrain.models import create_model
+from cliptrain.training import checkpoint as ckpt
+
+from conftest import MICRO_ARCH
+
+
+def save(run_dir, step, model=None):
+    model = model or create_model("tiny", **MICRO_ARCH)
+    opt = torch.optim.AdamW(model.parameters())
+    return ckpt.save_checkpoint(ckpt.checkpoint_dir(run_dir, step), model, opt,
+                                {"step": step, "rng": ckpt.rng_state()}, "model: {}\n")
+
+
+def test_layout_and_round_trip(tmp_path):
+    model = create_model("tiny", **MICRO_ARCH)
+    path = save(tmp_path, 7, model)
+    assert path.name == "step_0000007"
+    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "model.safetensors", "optimizer.pt", "state.json"]
+    other = create_model("tiny", **MICRO_ARCH)
+    ckpt.load_model_weights(other, path)
+    for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not list(tmp_path.glob("checkpoints/.*"))  # no temporary directory left behind
+
+
+def test_latest_skips_incomplete_and_temporary(tmp_path):
+    save(tmp_path, 10)
+    save(tmp_path, 20)
+    (tmp_path / "checkpoints" / ".step_0000030.tmp").mkdir()        # a save interrupted before the rename
+    broken = tmp_path / "checkpoints" / "step_0000040"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"")                  # an incomplete directory
+    assert ckpt.resolve_resume("latest", tmp_path).name == "step_0000020"
+    ckpt.prune_checkpoints(tmp_path, keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000020"]
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint under"):
+        ckpt.resolve_resume("latest", tmp_path)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint directory \\(missing: model.safetensors"):
+        ckpt.resolve_resume(str(tmp_path / "x"), tmp_path)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_optimizer_state_refuses_code_running_pickles(tmp_path):
+    path = save(tmp_path, 1)
+    with open(path / "optimizer.pt", "wb") as f:
+        pickle.dump({"optimizer": Evil()}, f)
+    model = create_model("tiny", **MICRO_ARCH)
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_training_state(path, torch.optim.AdamW(model.parameters()))
+
+
+def test_rng_state_round_trip():
+    state = json.loads(json.dumps(ckpt.rng_state()))
+    a = torch.rand(3)
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_unwrap_compiled_and_wrapped():
+    model = create_model("tiny", **MICRO_ARCH)
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    assert ckpt.unwrap(wrapper) is model

@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from cliptrain.models import ModelOutput, create_model, get_model_config, list_models
+
+from conftest import MICRO_ARCH
+
+
+def test_named_configs_have_published_clip_shapes():
+    assert {"tiny", "vit-b-32", "vit-b-16", "vit-l-14"} <= set(list_models())
+    b32 = get_model_config("vit-b-32")
+    assert (b32.embed_dim, b32.vision.patch_size, b32.vision.width, b32.vision.layers, b32.vision.heads) == (512, 32, 768, 12, 12)
+    assert (b32.text.width, b32.text.layers, b32.text.heads, b32.text.context_length, b32.text.vocab_size) == (512, 12, 8, 77, 49408)
+    l14 = get_model_config("vit-l-14")
+    assert (l14.embed_dim, l14.vision.patch_size, l14.vision.width, l14.vision.layers, l14.text.width) == (768, 14, 1024, 24, 768)
+    assert get_model_config("vit-b-16").vision.patch_size == 16
+
+
+def test_parameter_counts():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(create_model("tiny")) < 5_000_000
+    with torch.device("meta"):
+        # OpenAI's ViT-B/32 has 151,277,313 parameters.
+        assert count(create_model("vit-b-32")) == 151_277_313
+
+
+def test_unknown_name_lists_close_names():
+    with pytest.raises(ValueError) as info:
+        create_model("vit-b32")
+    assert "unknown model 'vit-b32'. Did you mean vit-b-32" in str(info.value)
+    assert "Available: tiny" in str(info.value)
+
+
+def test_overrides_and_bad_override():
+    m = create_model("tiny", vision={"layers": 1}, embed_dim=64)
+    assert len(m.visual.transformer.blocks) == 1 and m.cfg.embed_dim == 64
+    with pytest.raises(ValueError, match="vision.image_size \\(60\\) must be a multiple of vision.patch_size \\(8\\)"):
+        create_model("tiny", vision={"image_size": 60})
+    with pytest.raises(ValueError, match="unknown key 'vision.depth'"):
+        create_model("tiny", vision={"depth": 3})
+
+
+def test_forward_returns_normalised_features_and_scale():
+    model = create_model("tiny", **MICRO_ARCH)
+    texts = torch.randint(3, 500, (3, 16))
+    texts[:, 5] = 2
+    out = model(torch.randn(3, 3, 32, 32), texts)
+    assert isinstance(out, ModelOutput)
+    assert out.image_features.shape == (3, 32) and out.text_features.shape == (3, 32)
+    assert torch.allclose(out.image_features.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(out.text_features.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert math.isclose(float(out.logit_scale.detach()), 1 / 0.07, rel_tol=1e-5)
+    raw = model.encode_image(torch.zeros(1, 3, 32, 32), normalize=False)
+    assert raw.shape == (1, 32) and abs(float(raw.detach().norm()) - 1) > 1e-3  # unnormalised on request
+
+
+def test_text_pooling_at_first_eot_ignores_what_follows():
+    model = create_model("tiny", **MICRO_ARCH).eval()
+    texts = torch.randint(3, 500, (2, 16))
+    texts[:, 6] = 2  # end-of-text at position 6
+    changed = texts.clone()
+    changed[:, 7:] = torch.randint(3, 500, (2, 9))  # tokens after the eot (causal mask: invisible)
+    changed[1, 10] = 2
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(texts), model.encode_text(changed), atol=1e-6)
+        before = texts.clone()
+        before[:, 3] = 7
+        assert not torch.allclose(model.encode_text(texts), model.encode_text(before), atol=1e-4)
+
+
+def test_logit_scale_clamp():
+    model = create_model("tiny", **MICRO_ARCH)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale()
+    assert math.isclose(float(model.logit_scale), math.log(100), rel_tol=1e-6)
+    with torch.no_grad():
+        model.logit_scale.fill_(-1.0)
+    model.clamp_logit_scale()
+    assert float(model.logit_scale) == 0.0
+
+
+def test_too_long_text_is_an_error():
+    model = create_model("tiny", **MICRO_ARCH)
+    with pytest.raises(ValueError, match="texts have 17 tokens but the model's context length is 16"):
+        model.encode_text(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_bf16_autocast_matches_fp32():
+    model = create_model("tiny", **MICRO_ARCH)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.encode_image(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.encode_image(x)
+    assert (low.float() - ref).abs().max() < 0.05
