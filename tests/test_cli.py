@@ -1,0 +1,85 @@
+"""End to end through the command line: train, results, logs, TensorBoard events, eval of a checkpoint."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cliptrain.cli import main
+from cliptrain.training import checkpoint as ckpt
+
+from conftest import MICRO_ARCH
+
+
+def micro_yaml(tmp_path):
+    cfg = {
+        "model": {"arch": MICRO_ARCH},
+        "data": {"train_samples": 128, "val_samples": 48, "workers": 0},
+        "tokenizer": {"vocab_size": 300},
+        "optim": {"warmup_steps": 2},
+        "train": {"batch_size": 32, "epochs": 2, "precision": "fp32", "output_dir": str(tmp_path / "runs"),
+                  "name": "cli", "progress": True, "log_every": 2},
+        "eval": {"every_epochs": 1},
+    }
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_then_eval_checkpoint(tmp_path, capsys):
+    assert main(["train", "--config", str(micro_yaml(tmp_path)), "--optim.lr", "2e-3"]) == 0
+    out = capsys.readouterr()
+    run = tmp_path / "runs" / "cli"
+    results = json.loads((run / "results.json").read_text())
+    for key in ("val_loss", "image_to_text_R@1", "text_to_image_R@10", "zeroshot_top1", "zeroshot_top5"):
+        assert key in results
+    assert "| zeroshot_top1 |" in out.out and "step" in out.err  # table printed, progress bar drawn
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 2e-3
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    for key in ("loss", "lr", "logit_scale", "data_time", "step_time", "samples_per_s", "eta_s", "grad_norm"):
+        assert key in train_rows[-1]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [4, 8]  # after epoch 1 and at the end
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    last = ckpt.list_checkpoints(run)[-1]
+    assert last.name == "step_0000008" and (last / "tokenizer.json").is_file()
+
+    assert main(["eval", "--checkpoint", str(last), "--output", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "results.json").read_text())
+    for key, value in again.items():
+        if key != "epoch":
+            assert value == pytest.approx(results[key], rel=1e-6, abs=1e-9), key
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert main(["train", "--config", str(micro_yaml(tmp_path)), "--train.epochs", "1", "--eval.every_epochs", "0"]) == 0
+    acc = EventAccumulator(str(tmp_path / "runs" / "cli" / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    logged = [json.loads(l)["loss"] for l in (tmp_path / "runs" / "cli" / "log.jsonl").read_text().splitlines()
+              if json.loads(l)["kind"] == "train"]
+    assert losses == pytest.approx(logged, rel=1e-6)
+    assert "eval/zeroshot_top1" in acc.Tags()["scalars"]
+
+
+def test_config_errors_are_reported_without_a_traceback(capsys):
+    assert main(["train", "--optim.lrr", "1"]) == 2
+    assert "error: unknown key 'optim.lrr' (did you mean 'lr'?)" in capsys.readouterr().err
+
+
+def test_tokenizer_train_command(tmp_path):
+    (tmp_path / "caps.txt").write_text("a red circle\na blue square\n" * 20)
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "caps.txt"), "--output",
+                 str(tmp_path / "tok.json"), "--vocab-size", "300", "--context-length", "8"]) == 0
+    from cliptrain.tokenizer import Tokenizer
+    tok = Tokenizer.load(tmp_path / "tok.json")
+    assert tok.context_length == 8 and tok.decode(tok("A  Red circle")[0]) == "a red circle"
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "cliptrain.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "cliptrain <command>" in out.stdout

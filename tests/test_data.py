@@ -1,0 +1,78 @@
+import pytest
+import torch
+from PIL import Image
+
+from cliptrain.data import Collate, EpochSampler, PairDataset, make_loader
+from cliptrain.data.shapes import ShapesDataset
+from cliptrain.data.tables import TableSource, read_captions
+from cliptrain.tokenizer import train_bpe
+from cliptrain.transforms import image_transform
+
+
+def test_sampler_order_is_a_function_of_seed_epoch_position():
+    full = list(EpochSampler(100, epoch=3, seed=5, batch_size=32))
+    assert len(full) == 96 and all(e == 3 for e, _ in full)
+    assert len({i for _, i in full}) == 96
+    assert list(EpochSampler(100, epoch=3, seed=5, start=64, batch_size=32)) == full[64:]
+    assert full != list(EpochSampler(100, epoch=4, seed=5, batch_size=32))
+    assert full != list(EpochSampler(100, epoch=3, seed=6, batch_size=32))
+    assert [i for _, i in EpochSampler(5, shuffle=False)] == [0, 1, 2, 3, 4]
+
+
+def test_augmentation_is_seeded_per_sample_and_epoch():
+    source = ShapesDataset("train", 8, 32)
+    ds = PairDataset(source, image_transform(32, True, scale=(0.5, 1.0)), seed=0)
+    torch.manual_seed(123)
+    a = ds[(0, 3)][0]
+    torch.manual_seed(999)               # the global RNG state does not matter...
+    assert torch.equal(ds[(0, 3)][0], a)
+    assert not torch.equal(ds[(1, 3)][0], a)  # ...but the epoch does
+    before = torch.get_rng_state()
+    ds[(0, 4)]
+    assert torch.equal(torch.get_rng_state(), before)  # and loading leaves the caller's RNG untouched
+
+
+def test_loader_batches_same_with_and_without_workers():
+    source = ShapesDataset("train", 24, 32)
+    tok = train_bpe([source.caption(i) for i in range(24)], 300, 16)
+    ds = PairDataset(source, image_transform(32, True), seed=1)
+    batches = [list(make_loader(ds, tok, 8, EpochSampler(24, 2, 1, 8, 8), workers=w)) for w in (0, 2)]
+    assert len(batches[0]) == len(batches[1]) == 2
+    for a, b in zip(*batches):
+        assert torch.equal(a.images, b.images) and torch.equal(a.texts, b.texts) and torch.equal(a.indices, b.indices)
+    assert batches[0][0].images.shape == (8, 3, 32, 32) and batches[0][0].texts.shape == (8, 16)
+
+
+def test_table_source_csv_and_jsonl(tmp_path):
+    (tmp_path / "img").mkdir()
+    for i, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (10, 10), colour).save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "pairs.csv").write_text("filepath,title\nimg/0.png,a red square\nimg/1.png,a blue square\n")
+    src = TableSource(tmp_path / "pairs.csv", image_key="filepath", caption_key="title")
+    image, caption = src[1]
+    assert len(src) == 2 and caption == "a blue square" and image.getpixel((0, 0)) == (0, 0, 255)
+    (tmp_path / "pairs.jsonl").write_text(f'{{"image": "{tmp_path}/img/0.png", "caption": "red"}}\n')
+    assert TableSource(tmp_path / "pairs.jsonl")[0][1] == "red"
+    assert read_captions(tmp_path / "pairs.csv", "title") == ["a red square", "a blue square"]
+
+
+def test_table_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="table not found"):
+        TableSource(tmp_path / "missing.csv")
+    (tmp_path / "t.csv").write_text("path,text\nx.png,hi\n")
+    with pytest.raises(ValueError, match="no column 'image'; columns are path, text. Set data.image_key"):
+        TableSource(tmp_path / "t.csv")
+    (tmp_path / "t.parquet").write_text("")
+    with pytest.raises(ValueError, match="unsupported table format '.parquet'"):
+        TableSource(tmp_path / "t.parquet")
+
+
+def test_collate_tokenizes_in_one_call():
+    calls = []
+
+    def tok(captions):
+        calls.append(list(captions))
+        return torch.zeros(len(captions), 4, dtype=torch.long)
+
+    batch = Collate(tok)([(torch.zeros(3, 2, 2), "a", 5), (torch.ones(3, 2, 2), "b", 9)])
+    assert calls == [["a", "b"]] and batch.indices.tolist() == [5, 9] and len(batch) == 2
