@@ -271,6 +271,7 @@ class TrainSection:
     save_every: int = 0                 # steps between checkpoints (0: only at the end)
     keep_last: int = 2                  # checkpoints kept besides the final one
     threads: int | None = None          # torch intra-op threads (default: torch's choice)
+    compile: bool = False               # wrap the model in torch.compile
     progress: bool = True
     tensorboard: bool = True
     wandb: Literal["off", "online", "offline"] = "off"

@@ -2,7 +2,6 @@
 evaluation on a schedule, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ class Trainer:
         self.cfg, self.tokenizer, self.train_data, self.evalset = cfg, tokenizer, train_data, evalset
         self.run_dir = Path(run_dir)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device)
+        model = model.to(self.device)
+        self.model = torch.compile(model) if cfg.train.compile else model
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.objective = build_objective("contrastive")
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -196,17 +196,3 @@ class Trainer:
                   f"(was {lr_at(self.step, state['total_steps'], self.cfg.optim):.3e})", flush=True)
         print(f"resumed from {path} at step {self.step}", flush=True)
 
-
-def mfu_flops_per_sample(model: nn.Module) -> float:
-    """Approximate training FLOPs per sample (forward + backward = 3 x forward matmul FLOPs)."""
-    cfg = ckpt.unwrap(model).cfg
-    v, t = cfg.vision, cfg.text
-    n_img = (v.image_size // v.patch_size) ** 2 + 1
-
-    def tower(width: int, layers: int, tokens: int, mlp_ratio: float) -> float:
-        per_layer = 2 * tokens * (4 * width * width + 2 * width * width * mlp_ratio) + 4 * tokens * tokens * width
-        return layers * per_layer
-
-    fwd = tower(v.width, v.layers, n_img, v.mlp_ratio) + tower(t.width, t.layers, t.context_length, t.mlp_ratio)
-    fwd += 2 * (n_img - 1) * 3 * v.patch_size ** 2 * v.width + 2 * (v.width + t.width) * cfg.embed_dim
-    return 3 * fwd if math.isfinite(fwd) else 0.0

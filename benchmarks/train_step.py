@@ -1,0 +1,108 @@
+"""Training-step throughput, peak memory and MFU of cliptrain models.
+
+    python benchmarks/train_step.py                          # tiny and vit-b-32, batch 64, auto precision
+    python benchmarks/train_step.py --models tiny --batch-size 128 --precision fp32 bf16
+
+Each configuration runs in a fresh process, so its peak memory (peak RSS on CPU, peak allocated on
+CUDA) is its own. MFU = model matmul FLOPs per second / the machine's matmul peak, which this script measures in the
+same run (a large square matmul at the same precision), so the ratio is against this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+from cliptrain.losses import ContrastiveLoss
+from cliptrain.models import create_model
+from cliptrain.models.flops import train_flops
+from cliptrain.training.optim import build_optimizer
+from cliptrain.config import OptimSection
+from cliptrain.training.precision import DTYPES, resolve_precision
+from cliptrain.training.step import forward_backward
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(precision: str, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """Measured FLOP/s of an n x n matmul at `precision` (best of `repeats`)."""
+    dtype = DTYPES[precision]
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def bench(name: str, batch: int, precision: str, device: torch.device, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = create_model(name).to(device)
+    cfg = model.cfg
+    opt = build_optimizer(model, OptimSection())
+    objective = ContrastiveLoss()
+    images = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=device)
+    texts = torch.randint(3, cfg.text.vocab_size, (batch, cfg.text.context_length), device=device)
+    texts[:, -1] = cfg.text.eot_token_id
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        forward_backward(model, objective, images, texts, 1, precision)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    step = statistics.median(times)
+    peak = matmul_peak(precision, device)
+    flops = train_flops(cfg) * batch / step
+    return {"model": name, "batch": batch, "precision": precision, "samples_per_s": batch / step,
+            "step_ms": 1000 * step, "tflops": flops / 1e12, "peak_tflops": peak / 1e12, "mfu": flops / peak,
+            "peak_mem_mb": peak_memory_mb(device)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "vit-b-32"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| model | batch | precision | samples/s | step ms | TFLOP/s | matmul peak TFLOP/s | MFU | peak mem MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.models:
+        for precision in args.precision:
+            job = (name, args.batch_size, resolve_precision(precision, device), device, args.steps, args.warmup)
+            with mp.get_context("spawn").Pool(1) as pool:  # a fresh process each, so peak memory is its own
+                r = pool.apply(bench, job)
+            print(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['samples_per_s']:.1f} | {r['step_ms']:.0f} "
+                  f"| {r['tflops']:.3f} | {r['peak_tflops']:.3f} | {100 * r['mfu']:.1f}% | {r['peak_mem_mb']:.0f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

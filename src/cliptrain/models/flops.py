@@ -1,0 +1,28 @@
+"""Matmul FLOP counts of a forward pass, for model FLOP utilisation (MFU)."""
+from __future__ import annotations
+
+from cliptrain.models.config import CLIPConfig
+
+
+def _tower_flops(width: int, layers: int, tokens: int, mlp_ratio: float) -> float:
+    """Forward matmul FLOPs of a transformer stack on `tokens` tokens (QKV, output, MLP, attention)."""
+    hidden = int(width * mlp_ratio)
+    linear = 2 * tokens * (3 * width * width + width * width + 2 * width * hidden)
+    attention = 2 * 2 * tokens * tokens * width      # q @ k^T and attn @ v
+    return layers * (linear + attention)
+
+
+def forward_flops(cfg: CLIPConfig) -> float:
+    """Matmul FLOPs of one sample's forward pass (image and text); training costs about 3x this."""
+    v, t = cfg.vision, cfg.text
+    patches = (v.image_size // v.patch_size) ** 2
+    flops = _tower_flops(v.width, v.layers, patches + 1, v.mlp_ratio)
+    flops += 2 * patches * 3 * v.patch_size ** 2 * v.width          # patch embedding
+    flops += _tower_flops(t.width, t.layers, t.context_length, t.mlp_ratio)
+    flops += 2 * (v.width + t.width) * cfg.embed_dim                # projections
+    return float(flops)
+
+
+def train_flops(cfg: CLIPConfig) -> float:
+    """Matmul FLOPs of one sample's forward and backward pass (3x the forward)."""
+    return 3 * forward_flops(cfg)
