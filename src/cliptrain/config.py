@@ -16,6 +16,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from cliptrain.constants import OPENAI_MEAN, OPENAI_STD
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key and what is allowed."""
@@ -199,7 +201,7 @@ class DataSection:
     val_path: str | None = None
     image_key: str = "image"            # column with the image path (relative to the table's folder or absolute)
     caption_key: str = "caption"
-    train_samples: int = 30000          # shapes source: size of the generated splits
+    train_samples: int = 20000          # shapes source: size of the generated splits
     val_samples: int = 1000
     workers: int = 1                    # dataloader worker processes (0 = load in the main process)
 
@@ -215,8 +217,8 @@ class AugmentSection:
     """Image preprocessing; the image size comes from the model."""
     scale: tuple[float, float] = (0.9, 1.0)
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic"
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
 
     def __post_init__(self):
         _check(0 < self.scale[0] <= self.scale[1] <= 1, f"augment.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
@@ -260,7 +262,7 @@ class TrainSection:
     """The training loop: budget, batch, precision, run directory, checkpoints, logging."""
     batch_size: int = 128               # global batch per optimizer step
     accum_steps: int = 1                # micro-batches per step; gradients equal one batch of batch_size
-    epochs: int | None = 6
+    epochs: int | None = 3
     steps: int | None = None            # when set, overrides epochs
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0

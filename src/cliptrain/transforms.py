@@ -25,8 +25,7 @@ __all__ = [
     "to_rgb",
 ]
 
-OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+from cliptrain.constants import OPENAI_MEAN, OPENAI_STD  # noqa: E402  (re-exported)
 
 INTERPOLATIONS: dict[str, InterpolationMode] = {
     "bilinear": InterpolationMode.BILINEAR,
@@ -192,16 +191,24 @@ class ImageTransform:
         else:
             geometry = [v2.Resize(image_size, interpolation=mode, antialias=True),
                         v2.CenterCrop(image_size)]
-        self.pipeline = v2.Compose([
-            *geometry,
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(self.mean), std=list(self.std)),
-        ])
+        self.geometry = v2.Compose([*geometry, v2.ToImage()])
+        self._mean = torch.tensor(self.mean).view(3, 1, 1)
+        self._std = torch.tensor(self.std).view(3, 1, 1)
+
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """The crop / resize of one image as a uint8 tensor [3, S, S] (not yet normalised)."""
+        return self.geometry(to_rgb(image)).as_subclass(torch.Tensor)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [..., 3, S, S] -> float32 scaled to [0, 1] and normalised by mean / std.
+
+        Works on a single image or a whole batch, so data loaders normalise once per batch.
+        """
+        return (pixels.to(torch.float32) / 255 - self._mean) / self._std
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Return the normalised float32 tensor [3, S, S] for one PIL image."""
-        return self.pipeline(to_rgb(image))
+        return self.normalize(self.to_uint8(image))
 
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"

@@ -41,7 +41,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class PairDataset(Dataset):
-    """Applies a transform to a source's images; keys are (epoch, index) so augmentation is reproducible."""
+    """Crops / resizes a source's images to uint8 tensors; keys are (epoch, index) so augmentation is
+    reproducible. Normalisation happens once per batch, in `Collate`."""
 
     def __init__(self, source: PairSource, transform: Callable, seed: int = 0):
         self.source, self.transform, self.seed = source, transform, seed
@@ -54,7 +55,7 @@ class PairDataset(Dataset):
         image, caption = self.source[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            pixels = self.transform(image)
+            pixels = self.transform.to_uint8(image)
         return pixels, caption, index
 
 
@@ -86,19 +87,23 @@ class EpochSampler(Sampler):
 
 
 class Collate:
-    """Stacks images and tokenizes captions in one call."""
+    """Stacks and normalises images, and tokenizes captions, one call each per batch."""
 
-    def __init__(self, tokenizer: Callable[[Sequence[str]], torch.Tensor]):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Callable[[Sequence[str]], torch.Tensor],
+                 normalize: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.tokenizer, self.normalize = tokenizer, normalize
 
     def __call__(self, items: list[tuple[torch.Tensor, str, int]]) -> Batch:
         images, captions, indices = zip(*items)
-        return Batch(torch.stack(images), self.tokenizer(list(captions)), torch.tensor(indices))
+        pixels = torch.stack(images)
+        if self.normalize is not None:
+            pixels = self.normalize(pixels)
+        return Batch(pixels, self.tokenizer(list(captions)), torch.tensor(indices))
 
 
 def make_loader(dataset: PairDataset, tokenizer: Callable, batch_size: int, sampler: EpochSampler,
                 workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader of `Batch` in the sampler's order."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(tokenizer),
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(tokenizer, dataset.transform.normalize),
                       num_workers=workers, pin_memory=pin_memory, drop_last=False,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
