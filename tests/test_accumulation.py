@@ -42,9 +42,7 @@ def test_every_parameter_gradient_matches_one_big_batch(k):
     model.zero_grad(set_to_none=True)
     losses = forward_backward(model, ContrastiveLoss(), images, texts, accum_steps=k)
     assert abs(float(losses["loss"]) - float(ref_loss)) < 1e-5
-    worst = 0.0
     for name, p in model.named_parameters():
         err = float((p.grad - ref[name]).norm() / ref[name].norm().clamp_min(1e-12))
-        worst = max(worst, err)
         assert err < 1e-5, f"{name}: relative gradient error {err:.2e} with accum_steps={k}"
     assert ref["logit_scale"].abs() > 1e-3  # the scale's gradient is non-trivial, so the check means something

@@ -5,23 +5,28 @@ import pytest
 import torch
 
 from cliptrain.models import create_model
+from cliptrain.tokenizer import train_bpe
 from cliptrain.training import checkpoint as ckpt
 
 from conftest import MICRO_ARCH
+
+
+TOKENIZER = train_bpe(["a red circle", "a blue square"], 300, 16)
 
 
 def save(run_dir, step, model=None):
     model = model or create_model("tiny", **MICRO_ARCH)
     opt = torch.optim.AdamW(model.parameters())
     return ckpt.save_checkpoint(ckpt.checkpoint_dir(run_dir, step), model, opt,
-                                {"step": step, "rng": ckpt.rng_state()}, "model: {}\n")
+                                {"step": step, "rng": ckpt.rng_state()}, "model: {}\n", tokenizer=TOKENIZER)
 
 
 def test_layout_and_round_trip(tmp_path):
     model = create_model("tiny", **MICRO_ARCH)
     path = save(tmp_path, 7, model)
     assert path.name == "step_0000007"
-    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "model.safetensors", "optimizer.pt", "state.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "model.safetensors", "optimizer.pt", "state.json",
+                                                      "tokenizer.json"]
     other = create_model("tiny", **MICRO_ARCH)
     ckpt.load_model_weights(other, path)
     for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
@@ -70,7 +75,18 @@ def test_rng_state_round_trip():
     assert torch.equal(torch.rand(3), a)
 
 
-def test_unwrap_compiled_and_wrapped():
+def test_saving_a_step_again_replaces_it_whole(tmp_path):
+    first = create_model("tiny", **MICRO_ARCH)
+    save(tmp_path, 5, first)
+    second = create_model("tiny", **MICRO_ARCH)
+    path = save(tmp_path, 5, second)
+    loaded = create_model("tiny", **MICRO_ARCH)
+    ckpt.load_model_weights(loaded, path)
+    assert torch.equal(loaded.visual.proj, second.visual.proj) and not torch.equal(loaded.visual.proj, first.visual.proj)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000005"]
+
+
+def test_unwrap_ddp_style_wrapper():
     model = create_model("tiny", **MICRO_ARCH)
     wrapper = torch.nn.Module()
     wrapper.module = model

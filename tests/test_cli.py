@@ -34,7 +34,7 @@ def test_train_then_eval_checkpoint(tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     for key in ("val_loss", "image_to_text_R@1", "text_to_image_R@10", "zeroshot_top1", "zeroshot_top5"):
         assert key in results
-    assert "| zeroshot_top1 |" in out.out and "step" in out.err  # table printed, progress bar drawn
+    assert "| zeroshot_top1 |" in out.out and "train: 100%" in out.err  # table printed, progress bar drawn
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 2e-3
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -83,3 +83,37 @@ def test_tokenizer_train_command(tmp_path):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "cliptrain.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "cliptrain <command>" in out.stdout
+
+
+def test_table_run_without_validation_then_eval_with_it(tmp_path, capsys):
+    from PIL import Image
+    rows = ["image,caption"]
+    for i in range(40):
+        colour = ["red", "blue", "green", "yellow"][i % 4]
+        Image.new("RGB", (40, 40), colour).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a {colour} picture")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "val.csv").write_text("\n".join(rows[:17]) + "\n")
+    args = ["train", "--data.source", "table", "--data.train_path", str(tmp_path / "train.csv"),
+            "--data.workers", "0", "--tokenizer.vocab_size", "300", "--model.arch", yaml.safe_dump(MICRO_ARCH),
+            "--train.batch_size", "16", "--train.steps", "3", "--train.precision", "fp32", "--train.progress", "false",
+            "--train.output_dir", str(tmp_path / "runs"), "--train.name", "t"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "evaluation skipped" in out and "results written" not in out
+    assert main(args[:-1] + ["t2", "--data.val_path", str(tmp_path / "val.csv")]) == 0
+    last = ckpt.list_checkpoints(tmp_path / "runs" / "t2")[-1]
+    (tmp_path / "train.csv").unlink()  # evaluating needs only the validation table
+    assert main(["eval", "--checkpoint", str(last)]) == 0
+    results = json.loads((last / "results.json").read_text())
+    assert results["samples"] == 16 and "text_to_image_R@1" in results and "zeroshot_top1" not in results
+
+
+def test_bad_arch_override_and_tokenizer_mismatch_messages(tmp_path, capsys):
+    assert main(["train", "--model.arch.vision.layerz", "2", "--train.output_dir", str(tmp_path)]) == 2
+    assert "error: model.arch: unknown key 'vision.layerz' (did you mean 'layers'?)" in capsys.readouterr().err
+    from cliptrain.tokenizer import train_bpe
+    train_bpe(["a red circle"] * 5, 300, 77).save(tmp_path / "tok.json")
+    assert main(["train", "--tokenizer.path", str(tmp_path / "tok.json"), "--train.output_dir", str(tmp_path)]) == 2
+    assert ("has context length 77 but the model has 32; set --model.arch.text.context_length 77"
+            in capsys.readouterr().err)

@@ -54,3 +54,8 @@ def test_missing_file_and_bad_top_level(tmp_path):
 
 def test_parse_overrides_nesting():
     assert parse_overrides(["--a.b.c", "1", "--a.b.d=x", "--e", "[1, 2]"]) == {"a": {"b": {"c": 1, "d": "x"}}, "e": [1, 2]}
+
+
+def test_const_cooldown_needs_cooldown_steps():
+    with pytest.raises(ConfigError, match="optim.schedule const-cooldown needs optim.cooldown_steps > 0"):
+        load_config(None, ["--optim.schedule", "const-cooldown"])

@@ -5,7 +5,8 @@ import torch
 
 from cliptrain.models import create_model
 from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.precision import fast_bf16, grad_scaler, resolve_precision
+from cliptrain.training.optim import param_groups
+from cliptrain.training.precision import grad_scaler, resolve_precision
 from cliptrain.training.setup import build_trainer
 
 from conftest import MICRO_ARCH, micro_config
@@ -13,7 +14,9 @@ from conftest import MICRO_ARCH, micro_config
 
 def test_auto_precision_follows_the_hardware():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if fast_bf16(cpu) else "fp32")
+    flags = open("/proc/cpuinfo").read().split() if __import__("os").path.exists("/proc/cpuinfo") else []
+    has_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert resolve_precision("auto", cpu) == ("bf16" if has_bf16 else "fp32")
     assert resolve_precision("fp16", cpu) == "fp16"
     assert grad_scaler("fp16", cpu).is_enabled() and not grad_scaler("bf16", cpu).is_enabled()
 
@@ -38,6 +41,12 @@ def test_mixed_precision_trains_and_clips_unscaled_gradients(tmp_path, precision
         assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() > 1
 
 
-def test_compiled_model_is_unwrapped_for_saving():
+def test_compiled_model_is_unwrapped_for_saving_and_weight_decay(tmp_path):
     model = create_model("tiny", **MICRO_ARCH)
     assert ckpt.unwrap(torch.compile(model)) is model
+    trainer = build_trainer(micro_config(tmp_path, train={"compile": True}))
+    assert trainer.model is not ckpt.unwrap(trainer.model)
+    no_decay = {id(p) for p in trainer.optimizer.param_groups[1]["params"]}
+    inner = ckpt.unwrap(trainer.model)
+    assert id(inner.visual.positional_embedding) in no_decay and id(inner.text.positional_embedding) in no_decay
+    assert trainer.optimizer.param_groups[1]["weight_decay"] == 0.0

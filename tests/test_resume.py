@@ -46,3 +46,35 @@ def test_logged_losses_continue_the_same_curve(tmp_path):
         return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
     assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
+
+
+def test_resume_from_a_path_continues_in_that_run_and_drops_rows_after_it(tmp_path):
+    build_trainer(micro_config(tmp_path, train={"save_every": 2, "keep_last": 5})).fit()
+    run = tmp_path / "run"
+    step2 = ckpt.checkpoint_dir(run, 2)
+    cfg = micro_config(tmp_path, train={"name": None, "resume": str(step2)})
+    trainer = build_trainer(cfg)
+    assert trainer.run_dir.resolve() == run.resolve() and trainer.step == 2
+    trainer._open_sinks()  # opening the sinks at step 2 drops the later rows of the first session
+    trainer.sinks.close()
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [2]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"seed": 1}}, "the data order changed (seed: 0 -> 1)"),
+    ({"data": {"train_samples": 320}}, "the data order changed (train_samples: 256 -> 320)"),
+    ({"train": {"batch_size": 64}}, "the data order changed (batch_size: 32 -> 64)"),
+    ({"model": {"arch": {"vision": {"layers": 3}}}}, "model.arch.vision.layers: checkpoint 2, asked 3"),
+])
+def test_resume_refuses_a_changed_run(tmp_path, change, message):
+    build_trainer(micro_config(tmp_path, train={"steps": 2})).fit()
+    sections = {k: dict(v) for k, v in change.items()}
+    sections.setdefault("train", {}).update({"resume": "latest", "steps": 4})
+    if "model" in sections:
+        from conftest import MICRO_ARCH
+        arch = {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], **sections["model"]["arch"]["vision"]}}
+        sections["model"] = {"arch": arch}
+    with pytest.raises(ValueError) as info:
+        build_trainer(micro_config(tmp_path, **sections))
+    assert message in str(info.value)

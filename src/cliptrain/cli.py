@@ -32,8 +32,9 @@ def cmd_train(argv: list[str]) -> int:
     trainer = build_trainer(cfg)
     print(f"run directory: {trainer.run_dir}  model: {cfg.model.name}  precision: {trainer.precision}  "
           f"steps: {trainer.total_steps} ({trainer.steps_per_epoch}/epoch)", flush=True)
-    trainer.fit()
-    print(f"results written to {trainer.run_dir / 'results.json'}", flush=True)
+    results = trainer.fit()
+    if results:
+        print(f"results written to {trainer.run_dir / 'results.json'}", flush=True)
     return 0
 
 
@@ -42,26 +43,24 @@ def cmd_eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cliptrain eval")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N)")
     parser.add_argument("--output", help="where to write results.json / results.md (default: the checkpoint)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
     args = parser.parse_args(argv)
     import torch
 
-    from cliptrain.data import PairDataset
-    from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
+    from cliptrain.evaluation.evaluate import evaluate, format_table, write_results
     from cliptrain.training.precision import resolve_precision
-    from cliptrain.training.setup import build_sources, load_checkpoint
-    from cliptrain.transforms import image_transform
+    from cliptrain.training.setup import build_evalset, build_sources, load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
-    _, val_src, zs = build_sources(cfg, model.cfg.vision.image_size)
-    if val_src is None:
+    size = model.cfg.vision.image_size
+    _, val_src, zs = build_sources(cfg, size, train=False)
+    evalset = build_evalset(cfg, val_src, zs, size)
+    if evalset is None:
         raise ConfigError("the checkpoint's run has no validation data (data.val_path is unset)")
-    a = cfg.augment
-    tf = image_transform(model.cfg.vision.image_size, False, a.mean, a.std, a.interpolation)
-    evalset = EvalSet(PairDataset(val_src, tf, cfg.train.seed), **zs)
-    precision = resolve_precision(cfg.train.precision, device)
-    results = evaluate(model, evalset, tokenizer, device, precision, args.batch_size, cfg.data.workers)
+    e = cfg.eval
+    results = evaluate(model, evalset, tokenizer, device, resolve_precision(cfg.train.precision, device),
+                       args.batch_size or e.batch_size, cfg.data.workers, e.val_loss, e.retrieval, e.zeroshot)
     title = f"{cfg.model.name} checkpoint {Path(args.checkpoint).name}"
     write_results(results, args.output or args.checkpoint, title)
     print(format_table(results, title))

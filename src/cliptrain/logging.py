@@ -18,17 +18,27 @@ class Meter:
     def reset(self) -> None:
         self.total: Any = 0.0
         self.count = 0
-        self.last: Any = 0.0
 
     def update(self, value: torch.Tensor | float, n: int = 1) -> None:
         value = value.detach() if isinstance(value, torch.Tensor) else value
-        self.last = value
         self.total = self.total + value * n
         self.count += n
 
     @property
     def avg(self) -> float:
         return float(self.total) / max(1, self.count)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the records of `log.jsonl` after `step` (written by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
 
 
 class MetricSinks:
@@ -41,7 +51,8 @@ class MetricSinks:
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            # Events a crashed run logged after the checkpoint step are dropped; the step itself is kept.
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         self.wandb = self._init_wandb(wandb_mode, wandb_project, config) if wandb_mode != "off" else None
 
     def _init_wandb(self, mode: str, project: str, config: dict | None):

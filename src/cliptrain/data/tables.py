@@ -8,6 +8,18 @@ from pathlib import Path
 from PIL import Image
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a .csv, .tsv or .jsonl table as dicts."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    raise ValueError(f"{path}: unsupported table format {suffix!r}; use .csv, .tsv or .jsonl")
+
+
 class TableSource:
     """Rows of (image path, caption) from a .csv, .tsv or .jsonl file; relative paths are resolved
     against the table's folder."""
@@ -16,7 +28,7 @@ class TableSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"table not found: {self.path}")
-        rows = self._read()
+        rows = read_rows(self.path)
         if not rows:
             raise ValueError(f"{self.path}: the table has no rows")
         for key in (image_key, caption_key):
@@ -26,16 +38,6 @@ class TableSource:
         root = self.path.parent
         self.images = [str(p) if Path(p).is_absolute() else str(root / p) for p in (r[image_key] for r in rows)]
         self.captions = [str(r[caption_key]) for r in rows]
-
-    def _read(self) -> list[dict]:
-        suffix = self.path.suffix.lower()
-        if suffix == ".jsonl":
-            with open(self.path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        if suffix in (".csv", ".tsv"):
-            with open(self.path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        raise ValueError(f"{self.path}: unsupported table format {suffix!r}; use .csv, .tsv or .jsonl")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -52,7 +54,7 @@ def read_captions(path: str | Path, caption_key: str = "caption") -> list[str]:
     if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
         if not path.is_file():
             raise FileNotFoundError(f"table not found: {path}")
-        rows = TableSource._read(type("T", (), {"path": path})())
+        rows = read_rows(path)
         if rows and caption_key not in rows[0]:
             raise ValueError(f"{path}: no column {caption_key!r}; columns are {', '.join(rows[0])}")
         return [str(r[caption_key]) for r in rows]

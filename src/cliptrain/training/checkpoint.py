@@ -14,17 +14,15 @@ from __future__ import annotations
 import base64
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.yaml")
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.yaml", "tokenizer.json")
 _PREFIX = "step_"
 
 
@@ -40,17 +38,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def rng_state() -> dict:
-    """RNG states of torch (CPU and CUDA), Python and NumPy as JSON-safe values."""
+    """RNG states of torch (CPU and CUDA) as JSON-safe values (data randomness is keyed by sample, not RNG state)."""
     enc = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
-    state = {"torch": enc(torch.get_rng_state()), "python": repr(random.getstate()),
-             "numpy": repr(np.random.get_state(legacy=True)[1].tolist())}
+    state = {"torch": enc(torch.get_rng_state())}
     if torch.cuda.is_available():
         state["cuda"] = [enc(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` returned (only the torch and CUDA generators matter to training)."""
+    """Restore what `rng_state` returned."""
     dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
     torch.set_rng_state(dec(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -87,9 +84,15 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # replace an existing save of this step without a moment with no checkpoint
+        old = final.parent / f".{final.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
     _fsync_dir(final.parent)
     return final
 
@@ -113,12 +116,11 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{_PREFIX}{step:07d}"
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
-    """Delete all but the newest `keep_last` checkpoints (never those in `keep`)."""
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints."""
     ckpts = list_checkpoints(run_dir)
     for path in ckpts[: max(0, len(ckpts) - keep_last)]:
-        if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_model_weights(model: nn.Module, directory: str | Path) -> None:

@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
 
-from cliptrain.config import RunConfig, from_dict, save_config
+from cliptrain.config import ConfigError, RunConfig, from_dict, save_config, to_dict
 from cliptrain.data import PairDataset
 from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDataset
 from cliptrain.data.tables import TableSource
 from cliptrain.evaluation.evaluate import EvalSet
 from cliptrain.models import CLIP, create_model
 from cliptrain.models.config import CLIPConfig
+from cliptrain.models.registry import get_model_config
 from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.trainer import Trainer
@@ -21,7 +23,7 @@ from cliptrain.transforms import image_transform
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
-    """The run directory: output_dir/name; with `--resume latest` and no name, the newest run there."""
+    """The run directory: output_dir/name; when resuming without a name, the checkpoint's own run."""
     out = Path(cfg.train.output_dir)
     if cfg.train.name:
         return out / cfg.train.name
@@ -30,37 +32,53 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
         if not runs:
             raise FileNotFoundError(f"--resume latest: no run with checkpoints under {out}")
         return max(runs, key=lambda p: ckpt.list_checkpoints(p)[-1].stat().st_mtime)
+    if cfg.train.resume:
+        return Path(cfg.train.resume).resolve().parent.parent   # RUN/checkpoints/step_N
     return out / f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def build_tokenizer(cfg: RunConfig, captions: list[str], context_length: int) -> Tokenizer:
-    """The configured tokenizer, or a BPE learned from `captions` when no path is set."""
-    path = cfg.tokenizer.path
+def build_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]], model_cfg: CLIPConfig) -> Tokenizer:
+    """The configured tokenizer, or a BPE learned from the training captions when no path is set;
+    checked against the model's vocabulary and context length."""
+    path, text = cfg.tokenizer.path, model_cfg.text
     if path is None:
-        return train_bpe(captions, vocab_size=cfg.tokenizer.vocab_size, context_length=context_length)
-    if path.endswith((".txt", ".txt.gz")):
-        return load_clip_bpe(path, context_length=context_length)
-    tok = Tokenizer.load(path)
-    if tok.context_length != context_length:
-        raise ValueError(f"tokenizer {path} has context length {tok.context_length}, the model "
-                         f"{context_length}; they must match")
+        tok = train_bpe(captions(), vocab_size=cfg.tokenizer.vocab_size, context_length=text.context_length)
+    elif path.endswith((".txt", ".txt.gz")):
+        tok = load_clip_bpe(path, context_length=text.context_length)
+    else:
+        tok = Tokenizer.load(path)
+    if tok.context_length != text.context_length:
+        raise ValueError(f"tokenizer {path} has context length {tok.context_length} but the model has "
+                         f"{text.context_length}; set --model.arch.text.context_length {tok.context_length}")
+    if tok.vocab_size > text.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's text.vocab_size is "
+                         f"{text.vocab_size}; set --model.arch.text.vocab_size {tok.vocab_size} or use a smaller tokenizer")
     return tok
 
 
-def build_sources(cfg: RunConfig, image_size: int):
-    """(train source, val source or None, zero-shot kwargs for EvalSet) for the configured data."""
+def build_sources(cfg: RunConfig, image_size: int, train: bool = True):
+    """(train source or None, val source or None, zero-shot kwargs for EvalSet) for the configured data."""
     d = cfg.data
     if d.source == "shapes":
-        train = ShapesDataset("train", d.train_samples, image_size, cfg.train.seed)
+        train_src = ShapesDataset("train", d.train_samples, image_size, cfg.train.seed) if train else None
         val = ShapesDataset("val", d.val_samples, image_size, cfg.train.seed)
         labels = val.labels
         held = {f"{c} {s}" for c, s in HELD_OUT}
         heldout = [i for i, y in enumerate(labels) if CLASS_NAMES[y] in held]
         zs = {"labels": labels, "class_names": CLASS_NAMES, "templates": TEMPLATES, "groups": {"heldout": heldout}}
-        return train, val, zs
-    train = TableSource(d.train_path, d.image_key, d.caption_key)
+        return train_src, val, zs
+    train_src = TableSource(d.train_path, d.image_key, d.caption_key) if train else None
     val = TableSource(d.val_path, d.image_key, d.caption_key) if d.val_path else None
-    return train, val, {}
+    return train_src, val, {}
+
+
+def build_evalset(cfg: RunConfig, val_source, zeroshot: dict, image_size: int) -> EvalSet | None:
+    """The validation set with the eval transform, or None when there is no validation data."""
+    if val_source is None:
+        return None
+    a = cfg.augment
+    transform = image_transform(image_size, False, a.mean, a.std, a.interpolation)
+    return EvalSet(PairDataset(val_source, transform, cfg.train.seed), **zeroshot)
 
 
 def source_captions(source) -> list[str]:
@@ -70,6 +88,31 @@ def source_captions(source) -> list[str]:
     return [source.caption(i) for i in range(len(source))]
 
 
+def _model_config(cfg: RunConfig, resume: Path | None) -> CLIPConfig:
+    """The architecture: from the checkpoint when resuming (overrides must agree with it), else name + overrides."""
+    try:
+        wanted = get_model_config(cfg.model.name, **cfg.model.arch)
+    except ConfigError as exc:
+        raise ConfigError(f"model.arch: {exc}") from None
+    if resume is None:
+        return wanted
+    saved = from_dict(CLIPConfig, yaml.safe_load((resume / "config.yaml").read_text())["model"]["arch"])
+    diff = _differences(to_dict(saved), cfg.model.arch)
+    if diff:
+        raise ConfigError(f"checkpoint {resume} has a different architecture: {'; '.join(diff)}")
+    return saved
+
+
+def _differences(saved: dict, overrides: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(saved.get(key), dict):
+            out += _differences(saved[key], value, f"{prefix}{key}.")
+        elif saved.get(key) != value:
+            out.append(f"model.arch.{prefix}{key}: checkpoint {saved.get(key)!r}, asked {value!r}")
+    return out
+
+
 def build_trainer(cfg: RunConfig, device: torch.device | None = None) -> Trainer:
     """Everything a training run needs, resumed from a checkpoint when `train.resume` is set."""
     if cfg.train.threads:
@@ -77,26 +120,18 @@ def build_trainer(cfg: RunConfig, device: torch.device | None = None) -> Trainer
     run_dir = resolve_run_dir(cfg)
     resume = ckpt.resolve_resume(cfg.train.resume, run_dir) if cfg.train.resume else None
     torch.manual_seed(cfg.train.seed)
-    arch = cfg.model.arch
+    model_cfg = _model_config(cfg, resume)
+    size = model_cfg.vision.image_size
+    train_src, val_src, zs = build_sources(cfg, size)
     if resume is not None:
-        saved = yaml.safe_load((resume / "config.yaml").read_text())
-        arch = saved["model"]["arch"]
-    model_cfg = create_model(cfg.model.name, **arch).cfg
-    train_src, val_src, zs = build_sources(cfg, model_cfg.vision.image_size)
-    if resume is not None and (resume / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(resume / "tokenizer.json")
     else:
-        tokenizer = build_tokenizer(cfg, source_captions(train_src), model_cfg.text.context_length)
+        tokenizer = build_tokenizer(cfg, lambda: source_captions(train_src), model_cfg)
     model = create_model(model_cfg, text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
-    if tokenizer.vocab_size > model.cfg.text.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model text.vocab_size is "
-                         f"{model.cfg.text.vocab_size}; set --model.arch.text.vocab_size or a smaller tokenizer")
     a = cfg.augment
-    size = model.cfg.vision.image_size
-    train_tf = image_transform(size, True, a.mean, a.std, a.interpolation, a.scale)
-    eval_tf = image_transform(size, False, a.mean, a.std, a.interpolation)
-    evalset = EvalSet(PairDataset(val_src, eval_tf, cfg.train.seed), **zs) if val_src is not None else None
-    trainer = Trainer(cfg, model, tokenizer, PairDataset(train_src, train_tf, cfg.train.seed), evalset, run_dir, device)
+    train_data = PairDataset(train_src, image_transform(size, True, a.mean, a.std, a.interpolation, a.scale),
+                             cfg.train.seed)
+    trainer = Trainer(cfg, model, tokenizer, train_data, build_evalset(cfg, val_src, zs, size), run_dir, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     tokenizer.save(run_dir / "tokenizer.json")
@@ -112,8 +147,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint directory: {name} is missing")
     data = yaml.safe_load((path / "config.yaml").read_text())
-    arch = data["model"]["arch"]
-    model = CLIP(from_dict(CLIPConfig, arch))
+    model = CLIP(from_dict(CLIPConfig, data["model"]["arch"]))
     ckpt.load_model_weights(model, path)
     cfg = from_dict(RunConfig, data)
     return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json"), cfg

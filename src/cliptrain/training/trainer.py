@@ -11,7 +11,7 @@ from torch import nn
 from cliptrain.config import RunConfig, to_dict
 from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader
 from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
-from cliptrain.logging import Meter, MetricSinks
+from cliptrain.logging import Meter, MetricSinks, truncate_log
 from cliptrain.losses import build_objective
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.optim import build_optimizer, lr_at, set_lr
@@ -30,7 +30,7 @@ class Trainer:
         self.model = torch.compile(model) if cfg.train.compile else model
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.objective = build_objective("contrastive")
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(model, cfg.optim)  # the unwrapped model: its parameter names
         self.scaler = grad_scaler(self.precision, self.device)
         self.steps_per_epoch = len(train_data) // cfg.train.batch_size
         if self.steps_per_epoch == 0:
@@ -51,8 +51,8 @@ class Trainer:
         losses = forward_backward(self.model, self.objective, batch.images, batch.texts,
                                   self.cfg.train.accum_steps, self.precision, self.scaler)
         self.scaler.unscale_(self.optimizer)
-        if self.cfg.optim.grad_clip is not None:
-            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else float("inf")
+        losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         ckpt.unwrap(self.model).clamp_logit_scale()
@@ -81,7 +81,7 @@ class Trainer:
                 every = self.cfg.eval.every_epochs
                 if at_epoch_end and every and (epoch + 1) % every == 0 and self.step < self.total_steps:
                     self.run_eval()
-            if self.cfg.train.save_every == 0 or self.step % self.cfg.train.save_every:
+            if not ckpt.checkpoint_dir(self.run_dir, self.step).exists():
                 self.save()
             if self.step >= self.total_steps:
                 results = self.run_eval(final=True)
@@ -140,12 +140,15 @@ class Trainer:
 
     def _open_sinks(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log(self.run_dir / "log.jsonl", self.step)
         t = self.cfg.train
         self.sinks = MetricSinks(self.run_dir, t.tensorboard, t.wandb, t.wandb_project, to_dict(self.cfg), self.step)
 
     def run_eval(self, final: bool = False) -> dict[str, float]:
         """Evaluate now, log the results, and (at the end) print the table and write results files."""
         if self.evalset is None:
+            if final:
+                print("no validation data (data.val_path is unset): evaluation skipped", flush=True)
             return {}
         e = self.cfg.eval
         results = evaluate(ckpt.unwrap(self.model), self.evalset, self.tokenizer, self.device, self.precision,
@@ -163,9 +166,13 @@ class Trainer:
         """What state.json records: position in the run, schedule length and RNG states."""
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         return {"step": self.step, "epoch": epoch, "batch_in_epoch": in_epoch,
-                "samples_in_epoch": in_epoch * self.cfg.train.batch_size,
-                "batch_size": self.cfg.train.batch_size, "total_steps": self.total_steps,
-                "precision": self.precision, "rng": ckpt.rng_state()}
+                "samples_in_epoch": in_epoch * self.cfg.train.batch_size, "total_steps": self.total_steps,
+                "precision": self.precision, "rng": ckpt.rng_state(), "data_order": self._data_order()}
+
+    def _data_order(self) -> dict:
+        """What the sample order depends on; a resume must match it to continue exactly."""
+        return {"seed": self.cfg.train.seed, "train_samples": len(self.train_data),
+                "batch_size": self.cfg.train.batch_size}
 
     def config_yaml(self) -> str:
         """The run config with the model architecture written out in full."""
@@ -185,9 +192,11 @@ class Trainer:
         """Continue from a checkpoint directory: weights, optimizer, scaler, step and RNG."""
         ckpt.load_model_weights(self.model, path)
         state = ckpt.load_training_state(path, self.optimizer, self.scaler)
-        if state["batch_size"] != self.cfg.train.batch_size:
-            raise ValueError(f"checkpoint {path} was trained with train.batch_size={state['batch_size']}; "
-                             f"resume with the same batch size (got {self.cfg.train.batch_size})")
+        saved, now = state["data_order"], self._data_order()
+        changed = [f"{k}: {saved[k]} -> {now[k]}" for k in saved if saved[k] != now.get(k)]
+        if changed:
+            raise ValueError(f"cannot resume {path} exactly: the data order changed ({'; '.join(changed)}). "
+                             f"Resume with the run's train.seed, train.batch_size and training data.")
         self.step = state["step"]
         if state["total_steps"] != self.total_steps:
             print(f"note: the schedule length changed from {state['total_steps']} to {self.total_steps} steps; "
