@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class MetricSinks:
             raise RuntimeError("train.wandb is set but wandb is not installed: pip install wandb "
                                "(or set --train.wandb off)") from None
         id_file = self.run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         return wandb.init(project=project, id=run_id, resume="allow", mode=mode, dir=str(self.run_dir),
                           name=self.run_dir.name, config=config)
