@@ -25,8 +25,9 @@ def test_layout_and_round_trip(tmp_path):
     model = create_model("tiny", **MICRO_ARCH)
     path = save(tmp_path, 7, model)
     assert path.name == "step_0000007"
-    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "model.safetensors", "optimizer.pt", "state.json",
-                                                      "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "manifest.json", "model.safetensors",
+                                                      "optimizer.pt", "state.json", "tokenizer.json"]
+    assert ckpt.verify_checkpoint(path) == []
     other = create_model("tiny", **MICRO_ARCH)
     ckpt.load_model_weights(other, path)
     for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):

@@ -12,7 +12,10 @@ USAGE = """cliptrain <command> [options]
 commands:
   train [--config FILE.yaml] [--resume latest|DIR] [--section.key VALUE ...]
         train a model (defaults: the tiny model on the built-in shapes data), evaluate it, print a table
-  eval --checkpoint DIR [--output DIR]     evaluate a saved checkpoint on its run's validation data
+  eval --checkpoint DIR [--output DIR] [--zeroshot DIR_OR_TABLE [--classnames F] [--templates F]]
+       [--retrieval TABLE] [--linear-probe TRAIN [--linear-probe-test TEST]]
+        evaluate a checkpoint on its run's validation data, or on the datasets given; writes results.json / .md
+  report RUN_DIR [--output DIR]            an HTML page with figures of a run (RUN_DIR/report/index.html)
   tokenizer train --input FILE [--output tokenizer.json] [--vocab-size N] [--context-length L]
         learn a byte-level BPE from captions (one per line, or a .csv/.tsv/.jsonl table's caption column)
   models                                   list the built-in model architectures
@@ -33,37 +36,124 @@ def cmd_train(argv: list[str]) -> int:
     print(f"run directory: {trainer.run_dir}  model: {cfg.model.name}  precision: {trainer.precision}  "
           f"steps: {trainer.total_steps} ({trainer.steps_per_epoch}/epoch)", flush=True)
     results = trainer.fit()
+    if trainer.stop.received:
+        return 128 + trainer.stop.received
     if results:
         print(f"results written to {trainer.run_dir / 'results.json'}", flush=True)
     return 0
 
 
 def cmd_eval(argv: list[str]) -> int:
-    """`cliptrain eval --checkpoint DIR`."""
-    parser = argparse.ArgumentParser(prog="cliptrain eval")
+    """`cliptrain eval --checkpoint DIR [datasets]`."""
+    parser = argparse.ArgumentParser(prog="cliptrain eval", description=(
+        "Evaluate a checkpoint. With no dataset option, on its run's validation data; otherwise on the "
+        "datasets given (each option adds one task)."))
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N)")
     parser.add_argument("--output", help="where to write results.json / results.md (default: the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
+    parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
+    g = parser.add_argument_group("zero-shot classification")
+    g.add_argument("--zeroshot", metavar="DIR_OR_TABLE", help="a folder of class folders, or a (path, label) table")
+    g.add_argument("--classnames", metavar="FILE_OR_NAME",
+                   help="class names: a .json/.yaml/.txt file or imagenet1k, imagenet1k-openclip, shapes "
+                        "(default: the folder names / the table's labels)")
+    g.add_argument("--templates", metavar="FILE_OR_NAME", default="openai-imagenet-short",
+                   help="prompt templates: a file or openai-imagenet (80), openai-imagenet-short (7), photo, shapes "
+                        "(default: %(default)s)")
+    g.add_argument("--scoring", choices=["softmax", "sigmoid"], default="softmax",
+                   help="softmax (CLIP) or sigmoid (SigLIP) scores; top-k and recall are the same for both")
+    g = parser.add_argument_group("retrieval")
+    g.add_argument("--retrieval", metavar="TABLE", help="an (image, caption) table; repeat an image's path for "
+                                                         "each of its captions")
+    g.add_argument("--caption-key", default="caption", help="caption column (default: %(default)s)")
+    g = parser.add_argument_group("linear probe")
+    g.add_argument("--linear-probe", metavar="TRAIN", help="training images: a folder of class folders or a table")
+    g.add_argument("--linear-probe-test", metavar="TEST", help="test images (default: hold out 20%% of TRAIN)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the probe's validation / test splits")
+    g = parser.add_argument_group("tables")
+    g.add_argument("--image-key", help="image path column (default: the first of path, image, filepath, file, ...)")
+    g.add_argument("--label-key", default="label", help="label column: class index or name (default: %(default)s)")
     args = parser.parse_args(argv)
     import torch
 
-    from cliptrain.evaluation.evaluate import evaluate, format_table, write_results
-    from cliptrain.training.precision import resolve_precision
-    from cliptrain.training.setup import build_evalset, build_sources, load_checkpoint
+    from cliptrain.evaluation.evaluate import format_table, write_results
+    from cliptrain.training.setup import load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
+    if args.zeroshot or args.retrieval or args.linear_probe:
+        results = _eval_datasets(args, model, tokenizer, cfg, device)
+    elif args.linear_probe_test or args.classnames:
+        raise ConfigError("--linear-probe-test needs --linear-probe, and --classnames needs --zeroshot or --linear-probe")
+    else:
+        results = _eval_validation(args, model, tokenizer, cfg, device)
+    title = f"{cfg.model.name} checkpoint {Path(args.checkpoint).name}"
+    write_results(results, args.output or args.checkpoint, title)
+    print(format_table(results, title))
+    return 0
+
+
+def _eval_validation(args, model, tokenizer, cfg, device) -> dict[str, float]:
+    """The run's own validation data, as at the end of training."""
+    from cliptrain.evaluation.evaluate import evaluate
+    from cliptrain.training.precision import resolve_precision
+    from cliptrain.training.setup import build_evalset, build_sources
+
     size = model.cfg.vision.image_size
     _, val_src, zs = build_sources(cfg, size, train=False)
     evalset = build_evalset(cfg, val_src, zs, size)
     if evalset is None:
-        raise ConfigError("the checkpoint's run has no validation data (data.val_path is unset)")
+        raise ConfigError("the checkpoint's run has no validation data (data.val_path is unset); give a dataset "
+                          "with --zeroshot, --retrieval or --linear-probe")
     e = cfg.eval
-    results = evaluate(model, evalset, tokenizer, device, resolve_precision(cfg.train.precision, device),
-                       args.batch_size or e.batch_size, cfg.data.workers, e.val_loss, e.retrieval, e.zeroshot)
-    title = f"{cfg.model.name} checkpoint {Path(args.checkpoint).name}"
-    write_results(results, args.output or args.checkpoint, title)
-    print(format_table(results, title))
+    workers = cfg.data.workers if args.workers is None else args.workers
+    return evaluate(model, evalset, tokenizer, device, resolve_precision(cfg.train.precision, device),
+                    args.batch_size or e.batch_size, workers, e.val_loss, e.retrieval, e.zeroshot)
+
+
+def _eval_datasets(args, model, tokenizer, cfg, device) -> dict[str, float]:
+    """The zero-shot, retrieval and linear-probe datasets named on the command line."""
+    from cliptrain.evaluation import datasets, prompts, tasks
+    from cliptrain.training.precision import resolve_precision
+    from cliptrain.transforms import image_transform
+
+    a = cfg.augment
+    ctx = tasks.EvalContext(model, tokenizer, image_transform(model.cfg.vision.image_size, False, a.mean, a.std,
+                                                              a.interpolation),
+                            device, resolve_precision(cfg.train.precision, device),
+                            args.batch_size or cfg.eval.batch_size,
+                            cfg.data.workers if args.workers is None else args.workers)
+    names = prompts.load_classnames(args.classnames) if args.classnames else None
+    results: dict[str, float] = {}
+    if args.zeroshot:
+        data = datasets.load_labelled_images(args.zeroshot, names, args.image_key, args.label_key)
+        results.update(tasks.run_zeroshot(ctx, data, prompts.load_templates(args.templates), args.scoring))
+    if args.retrieval:
+        data = datasets.load_retrieval_table(args.retrieval, args.image_key, args.caption_key)
+        results.update(tasks.run_retrieval(ctx, data))
+    if args.linear_probe:
+        train = datasets.load_labelled_images(args.linear_probe, names, args.image_key, args.label_key)
+        test = (datasets.load_labelled_images(args.linear_probe_test, train.classnames, args.image_key,
+                                              args.label_key) if args.linear_probe_test else None)
+        results.update(tasks.run_linear_probe(ctx, train, test, seed=args.seed))
+    elif args.linear_probe_test:
+        raise ConfigError("--linear-probe-test needs --linear-probe TRAIN")
+    return results
+
+
+def cmd_report(argv: list[str]) -> int:
+    """`cliptrain report RUN_DIR`."""
+    parser = argparse.ArgumentParser(prog="cliptrain report", description=(
+        "Write an HTML page with figures of a run: loss and learning-rate curves, zero-shot accuracy and "
+        "recall over training, and from the latest checkpoint a zero-shot confusion matrix and retrieval examples."))
+    parser.add_argument("run_dir", help="a run directory (train.output_dir/train.name)")
+    parser.add_argument("--output", help="output folder (default: RUN_DIR/report)")
+    parser.add_argument("--checkpoint", help="checkpoint for the confusion matrix and examples (default: the latest)")
+    parser.add_argument("--examples", type=int, default=4, help="captions shown with their top images (default: 4)")
+    args = parser.parse_args(argv)
+    from cliptrain.report import make_report
+    page = make_report(args.run_dir, args.output, args.checkpoint, args.examples)
+    print(f"report written to {page}")
     return 0
 
 
@@ -93,7 +183,8 @@ def cmd_models(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "tokenizer": cmd_tokenizer, "models": cmd_models}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "tokenizer": cmd_tokenizer,
+            "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -170,6 +170,17 @@ def deep_update(base: dict, updates: Mapping) -> dict:
     return out
 
 
+def flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def parse_overrides(args: Sequence[str]) -> dict:
     """Turn `["--train.lr", "1e-3", "--model.name=tiny"]` into a nested dict of YAML-parsed values."""
     out: dict = {}
@@ -290,10 +301,12 @@ class TrainSection:
     seed: int = 0
     output_dir: str = "runs"
     name: str | None = None             # run directory name; default: <model>-<timestamp>
-    resume: str | None = None           # "latest" or a checkpoint directory
+    resume: str | None = None           # "latest", "auto" (latest if any, else start), or a checkpoint directory
     log_every: int = 10
     save_every: int = 0                 # steps between checkpoints (0: only at the end)
     keep_last: int = 2                  # checkpoints kept besides the final one
+    keep_every: int = 0                 # also keep every checkpoint whose step is a multiple of this (0: none)
+    nonfinite_limit: int = 10           # stop after this many consecutive steps with a non-finite loss or gradient
     threads: int | None = None          # torch intra-op threads (default: torch's choice)
     compile: bool = False               # wrap the model in torch.compile
     progress: bool = True
@@ -310,7 +323,9 @@ class TrainSection:
         _check(self.steps is None or self.steps > 0, f"train.steps must be > 0, got {self.steps}")
         _check(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         _check(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
-        _check(self.save_every >= 0 and self.keep_last >= 0, "train.save_every and train.keep_last must be >= 0")
+        _check(self.save_every >= 0 and self.keep_last >= 0 and self.keep_every >= 0,
+               "train.save_every, train.keep_last and train.keep_every must be >= 0")
+        _check(self.nonfinite_limit >= 1, f"train.nonfinite_limit must be >= 1, got {self.nonfinite_limit}")
 
 
 @dataclass

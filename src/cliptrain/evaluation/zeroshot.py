@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cliptrain.evaluation.retrieval import as_float_features, check_chunk_size, validate_ks
 
-__all__ = ["build_classifier", "predict_proba", "true_class_ranks", "zero_shot_metrics"]
+__all__ = ["build_classifier", "confusion_matrix", "logit_ranks", "predict", "predict_proba", "rank_metrics", "true_class_ranks", "zero_shot_metrics"]
 
 Scoring = Literal["softmax", "sigmoid"]
 
@@ -143,13 +143,30 @@ def zero_shot_metrics(
     """
     _check_scoring(scoring)
     ks = validate_ks(ks)
-    rank = true_class_ranks(image_features, labels, classifier, chunk_size).cpu()
-    n_img, n_cls = rank.shape[0], classifier.shape[1]
-    out = {f"top{k}": int((rank <= min(k, n_cls)).sum()) / n_img for k in ks}
+    rank = true_class_ranks(image_features, labels, classifier, chunk_size)
+    return rank_metrics(rank, labels, classifier.shape[1], ks)
+
+
+def logit_ranks(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The 1-based rank [N] of each row's true class in ``logits`` [N, C] under the module's tie rule."""
+    labels = torch.as_tensor(labels, device=logits.device).long()
+    true = logits.gather(1, labels[:, None])
+    return 1 + (logits > true).sum(dim=1)
+
+
+def rank_metrics(rank: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """``top{k}`` accuracies (k > C counts as C) and ``mean_per_class_recall`` from true-class ranks.
+
+    ``mean_per_class_recall`` is the top-1 recall averaged over the classes present in ``labels``.
+    """
+    rank = rank.cpu()
+    n_img = rank.shape[0]
+    out = {f"top{k}": int((rank <= min(k, num_classes)).sum()) / n_img for k in validate_ks(ks)}
     hits = (rank == 1).long()
     labels_cpu = torch.as_tensor(labels).cpu().long()
-    counts = torch.bincount(labels_cpu, minlength=n_cls).tolist()
-    per_class_hits = torch.bincount(labels_cpu, weights=hits.double(), minlength=n_cls).tolist()
+    counts = torch.bincount(labels_cpu, minlength=num_classes).tolist()
+    per_class_hits = torch.bincount(labels_cpu, weights=hits.double(), minlength=num_classes).tolist()
     recalls = [h / n for h, n in zip(per_class_hits, counts) if n > 0]
     out["mean_per_class_recall"] = sum(recalls) / len(recalls)
     return out
@@ -181,3 +198,21 @@ def predict_proba(
             raise ValueError(f"classifier must be [d, C] with d={feats.shape[1]}, got {tuple(clf.shape)}")
         logits = logit_scale * (feats.float() @ clf.float()) + logit_bias
         return logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+
+
+def predict(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """The predicted class [N] of each image: the true class when it ties for the top score (the
+    module's tie rule), else the lowest-index class with the top score."""
+    feats, labels, clf = _prepare(image_features, labels, classifier)
+    with torch.no_grad():
+        logits = feats @ clf
+        pred = logits.argmax(dim=1)
+        return torch.where(logit_ranks(logits, labels) == 1, labels, pred)
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts [C, C] (long): row = true class, column = predicted class."""
+    labels = torch.as_tensor(labels).long().cpu()
+    predictions = torch.as_tensor(predictions).long().cpu()
+    flat = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    return flat.view(num_classes, num_classes)

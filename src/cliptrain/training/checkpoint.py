@@ -1,4 +1,4 @@
-"""Checkpoints: one self-contained directory per save, written atomically, loaded safely.
+"""Checkpoints: one self-contained directory per save, written atomically, verified, loaded safely.
 
 Layout of `RUN_DIR/checkpoints/step_0000100/`:
   model.safetensors   weights of the unwrapped model
@@ -6,22 +6,28 @@ Layout of `RUN_DIR/checkpoints/step_0000100/`:
   state.json          step, epoch, data position, schedule length, RNG states
   config.yaml         the run config, with the model architecture written out in full
   tokenizer.json      the tokenizer
+  manifest.json       size and SHA-256 of every file above, written last
 A directory is first written as `.step_0000100.tmp`, flushed to disk, then renamed, so a
-checkpoint directory that exists is always whole.
+checkpoint directory that exists is whole; the manifest lets a resume prove it.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cliptrain.config import flatten, to_dict
+
+MANIFEST = "manifest.json"
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.yaml", "tokenizer.json")
 _PREFIX = "step_"
 
@@ -54,7 +60,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([dec(s) for s in state["cuda"]])
 
 
-def _fsync_dir(path: Path) -> None:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -62,15 +76,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict, config_yaml: str, scaler: torch.amp.GradScaler | None = None,
-                    tokenizer: Any | None = None) -> Path:
-    """Write a checkpoint atomically to `directory` (which must not exist yet) and return its path."""
-    final = Path(directory)
-    tmp = final.parent / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+def _write_files(tmp: Path, model: nn.Module, optimizer, state: dict, config_yaml: str, scaler, tokenizer) -> None:
     weights = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
     if optimizer is not None:
@@ -80,10 +86,31 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     (tmp / "config.yaml").write_text(config_yaml)
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer.json")
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
     for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+        _fsync(f)
+    _fsync(tmp)
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict, config_yaml: str, scaler: torch.amp.GradScaler | None = None,
+                    tokenizer: Any | None = None) -> Path:
+    """Write a checkpoint atomically to `directory` and return its path.
+
+    On any failure (e.g. no space left) the partial temporary directory is removed and the error
+    re-raised; existing checkpoints are never touched until the new one is whole.
+    """
+    final = Path(directory)
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        _write_files(tmp, model, optimizer, state, config_yaml, scaler, tokenizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # replace an existing save of this step without a moment with no checkpoint
         old = final.parent / f".{final.name}.old"
         if old.exists():
@@ -93,17 +120,41 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     return final
 
 
 def is_complete(directory: Path) -> bool:
-    """Whether `directory` holds every file a resumable checkpoint needs."""
-    return directory.is_dir() and all((directory / f).is_file() for f in CHECKPOINT_FILES)
+    """Whether `directory` has a manifest and every file a resumable checkpoint needs (cheap check)."""
+    return directory.is_dir() and all((directory / f).is_file() for f in (*CHECKPOINT_FILES, MANIFEST))
+
+
+def verify_checkpoint(directory: str | Path) -> list[str]:
+    """Problems that make `directory` unusable (empty when it is whole): missing files, sizes, checksums."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return [f"{directory} is not a directory"]
+    missing = [f for f in (*CHECKPOINT_FILES, MANIFEST) if not (directory / f).is_file()]
+    if missing:
+        return [f"missing {', '.join(missing)}"]
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return [f"unreadable {MANIFEST}: {exc}"]
+    problems = []
+    for name, meta in files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != meta["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {meta['bytes']}")
+        elif _sha256(path) != meta["sha256"]:
+            problems.append(f"{name} does not match its checksum")
+    return problems
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoint directories of a run (files present; not checksummed), oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -116,24 +167,55 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{_PREFIX}{step:07d}"
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints."""
+def checkpoint_step(directory: Path) -> int:
+    """The optimizer step of a checkpoint directory, from its name."""
+    return int(directory.name[len(_PREFIX):])
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all but the newest `keep_last` checkpoints, keeping every step that is a multiple of `keep_every`.
+
+    A directory is renamed away before it is deleted, so an interrupted prune never leaves a
+    half-deleted checkpoint that looks real.
+    """
     ckpts = list_checkpoints(run_dir)
     for path in ckpts[: max(0, len(ckpts) - keep_last)]:
-        shutil.rmtree(path, ignore_errors=True)
+        if keep_every and checkpoint_step(path) % keep_every == 0:
+            continue
+        trash = path.parent / f".{path.name}.deleting"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_model_weights(model: nn.Module, directory: str | Path) -> None:
-    """Load `model.safetensors` into `model` (strict: every key must match)."""
-    path = Path(directory) / "model.safetensors"
+    """Load `model.safetensors` into `model`; a checkpoint of another architecture is refused with the difference."""
+    directory = Path(directory)
+    path = directory / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"no model.safetensors in {directory}")
-    unwrap(model).load_state_dict(load_file(str(path)), strict=True)
+    target = unwrap(model)
+    config = directory / "config.yaml"
+    arch = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("arch") if config.is_file() else None
+    if arch and hasattr(target, "cfg"):
+        saved, own = flatten(arch), flatten(to_dict(target.cfg))
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, model {own.get(k)!r}"
+                for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k)]
+        if diff:
+            raise ValueError(f"checkpoint {directory} is of another model configuration: {'; '.join(diff)}")
+    weights = load_file(str(path))
+    own_shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    diff = [f"{k}: checkpoint {tuple(v.shape)}, model {own_shapes.get(k)}" for k, v in weights.items()
+            if own_shapes.get(k) != tuple(v.shape)] + [f"{k}: missing in checkpoint" for k in own_shapes
+                                                        if k not in weights]
+    if diff:
+        raise ValueError(f"checkpoint {directory} does not fit the model: {'; '.join(diff[:8])}")
+    target.load_state_dict(weights, strict=True)
 
 
 def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler | None = None) -> dict:
-    """Load optimizer / scaler state and return state.json (RNG states restored)."""
+    """Load optimizer / scaler state (weights_only: code-running pickles are refused) and return state.json,
+    with the RNG states restored."""
     directory = Path(directory)
     blob = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
@@ -144,15 +226,23 @@ def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
     return state
 
 
-def resolve_resume(resume: str, run_dir: str | Path) -> Path:
-    """Turn `--resume latest` or a path into a checkpoint directory, with a clear error if there is none."""
-    if resume == "latest":
-        ckpts = list_checkpoints(run_dir)
-        if not ckpts:
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
-        return ckpts[-1]
-    path = Path(resume)
-    if not is_complete(path):
-        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint directory (missing: {', '.join(missing)})")
-    return path
+def resolve_resume(resume: str, run_dir: str | Path, report: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from.
+
+    `latest`: the newest checkpoint that verifies, reporting each newer one skipped and why (error if none).
+    `auto`: the same, or None (start fresh) when the run has no checkpoint yet.
+    A path: that checkpoint, which must verify.
+    """
+    if resume in ("latest", "auto"):
+        for path in reversed(list_checkpoints(run_dir)):
+            problems = verify_checkpoint(path)
+            if not problems:
+                return path
+            report(f"skipping checkpoint {path}: {'; '.join(problems)}")
+        if resume == "auto":
+            return None
+        raise FileNotFoundError(f"--resume latest: no valid checkpoint under {Path(run_dir) / 'checkpoints'}")
+    problems = verify_checkpoint(resume)
+    if problems:
+        raise FileNotFoundError(f"--resume {resume}: not a valid checkpoint ({'; '.join(problems)})")
+    return Path(resume)

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 import yaml
 
-from cliptrain.config import ConfigError, RunConfig, from_dict, save_config, to_dict
+from cliptrain.config import ConfigError, RunConfig, flatten, from_dict, save_config, to_dict
 from cliptrain.data import PairDataset
 from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDataset
 from cliptrain.data.tables import TableSource
@@ -18,6 +18,7 @@ from cliptrain.models.config import CLIPConfig
 from cliptrain.models.registry import get_model_config
 from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
 from cliptrain.training import checkpoint as ckpt
+from cliptrain.training.guards import check_output_dir, checkpoint_size
 from cliptrain.training.trainer import Trainer
 from cliptrain.transforms import image_transform
 
@@ -27,12 +28,13 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
     out = Path(cfg.train.output_dir)
     if cfg.train.name:
         return out / cfg.train.name
-    if cfg.train.resume == "latest":
+    if cfg.train.resume in ("latest", "auto"):
         runs = [p for p in out.glob("*") if ckpt.list_checkpoints(p)] if out.is_dir() else []
-        if not runs:
+        if runs:
+            return max(runs, key=lambda p: ckpt.list_checkpoints(p)[-1].stat().st_mtime)
+        if cfg.train.resume == "latest":
             raise FileNotFoundError(f"--resume latest: no run with checkpoints under {out}")
-        return max(runs, key=lambda p: ckpt.list_checkpoints(p)[-1].stat().st_mtime)
-    if cfg.train.resume:
+    elif cfg.train.resume:
         return Path(cfg.train.resume).resolve().parent.parent   # RUN/checkpoints/step_N
     return out / f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -97,20 +99,12 @@ def _model_config(cfg: RunConfig, resume: Path | None) -> CLIPConfig:
     if resume is None:
         return wanted
     saved = from_dict(CLIPConfig, yaml.safe_load((resume / "config.yaml").read_text())["model"]["arch"])
-    diff = _differences(to_dict(saved), cfg.model.arch)
+    have = flatten(to_dict(saved))
+    diff = [f"model.arch.{k}: checkpoint {have.get(k)!r}, asked {v!r}"
+            for k, v in flatten(cfg.model.arch).items() if have.get(k) != v]
     if diff:
         raise ConfigError(f"checkpoint {resume} has a different architecture: {'; '.join(diff)}")
     return saved
-
-
-def _differences(saved: dict, overrides: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(saved.get(key), dict):
-            out += _differences(saved[key], value, f"{prefix}{key}.")
-        elif saved.get(key) != value:
-            out.append(f"model.arch.{prefix}{key}: checkpoint {saved.get(key)!r}, asked {value!r}")
-    return out
 
 
 def build_trainer(cfg: RunConfig, device: torch.device | None = None) -> Trainer:
@@ -131,8 +125,8 @@ def build_trainer(cfg: RunConfig, device: torch.device | None = None) -> Trainer
     a = cfg.augment
     train_data = PairDataset(train_src, image_transform(size, True, a.mean, a.std, a.interpolation, a.scale),
                              cfg.train.seed)
+    check_output_dir(run_dir, checkpoint_size(model))
     trainer = Trainer(cfg, model, tokenizer, train_data, build_evalset(cfg, val_src, zs, size), run_dir, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     tokenizer.save(run_dir / "tokenizer.json")
     if resume is not None:

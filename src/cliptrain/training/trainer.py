@@ -14,6 +14,7 @@ from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write
 from cliptrain.logging import Meter, MetricSinks, truncate_log
 from cliptrain.losses import build_objective
 from cliptrain.training import checkpoint as ckpt
+from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
 from cliptrain.training.optim import build_optimizer, lr_at, set_lr
 from cliptrain.training.precision import grad_scaler, resolve_precision
 from cliptrain.training.step import forward_backward
@@ -38,6 +39,8 @@ class Trainer:
                              f"(train.batch_size={cfg.train.batch_size}); lower the batch size or add data")
         self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
         self.step = 0
+        self.guard = NonFiniteGuard(cfg.train.nonfinite_limit, self.run_dir)
+        self.stop = StopSignals()
         self.meters: dict[str, Meter] = {}
         self.sinks: MetricSinks | None = None
 
@@ -53,10 +56,17 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else float("inf")
         losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
+        finite = self.guard.finite(losses["loss"], losses["grad_norm"])
+        if finite:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         ckpt.unwrap(self.model).clamp_logit_scale()
         self.step += 1
+        skipped = self.guard.record(self.step, finite, {"epoch": (self.step - 1) // self.steps_per_epoch,
+                                                         "indices": batch.indices.tolist()})
+        if skipped:
+            print(skipped, flush=True)
+            self.sinks.log("skip", self.step, {"nonfinite_skips": self.guard.total})
         return losses
 
     # ------------------------------------------------------------------ the loop
@@ -65,25 +75,30 @@ class Trainer:
         bs = self.cfg.train.batch_size
         sampler = EpochSampler(len(self.train_data), epoch, self.cfg.train.seed, start_step * bs, bs)
         return make_loader(self.train_data, self.tokenizer, bs, sampler, self.cfg.data.workers,
-                           pin_memory=self.device.type == "cuda")
+                           pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
-        """Train until the budget (or step `stop_at`) is reached; returns the final evaluation."""
+        """Train until the budget (or step `stop_at`, or a SIGTERM / SIGINT) is reached; returns the final
+        evaluation (empty when stopped early). `self.stop.received` tells which signal stopped it."""
         self._open_sinks()
         stop = min(self.total_steps, stop_at or self.total_steps)
         progress = self._progress(stop)
         results: dict[str, float] = {}
         try:
-            while self.step < stop:
-                epoch, start = divmod(self.step, self.steps_per_epoch)
-                self._run_epoch(epoch, start, stop, progress)
-                at_epoch_end = self.step % self.steps_per_epoch == 0
-                every = self.cfg.eval.every_epochs
-                if at_epoch_end and every and (epoch + 1) % every == 0 and self.step < self.total_steps:
-                    self.run_eval()
-            if not ckpt.checkpoint_dir(self.run_dir, self.step).exists():
-                self.save()
-            if self.step >= self.total_steps:
+            with self.stop:
+                while self.step < stop and not self.stop.received:
+                    epoch, start = divmod(self.step, self.steps_per_epoch)
+                    self._run_epoch(epoch, start, stop, progress)
+                    at_epoch_end = self.step % self.steps_per_epoch == 0
+                    every = self.cfg.eval.every_epochs
+                    if (at_epoch_end and every and (epoch + 1) % every == 0 and self.step < self.total_steps
+                            and not self.stop.received):
+                        self.run_eval()
+                if not ckpt.checkpoint_dir(self.run_dir, self.step).exists():
+                    self.save()
+            if self.stop.received:
+                print(f"stopped at step {self.step}; checkpoint saved; continue with --resume latest", flush=True)
+            elif self.step >= self.total_steps:
                 results = self.run_eval(final=True)
         finally:
             if progress is not None:
@@ -102,7 +117,7 @@ class Trainer:
                 self._log_train(progress)
             if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
                 self.save()
-            if self.step >= stop:
+            if self.step >= stop or self.stop.received:
                 return
             t_data = time.perf_counter()
 
@@ -182,10 +197,17 @@ class Trainer:
         return yaml.safe_dump(data, sort_keys=False)
 
     def save(self) -> Path:
-        """Write a checkpoint for the current step and prune old ones."""
-        path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.step), self.model, self.optimizer,
-                                    self.state(), self.config_yaml(), self.scaler, self.tokenizer)
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last + 1)
+        """Write a checkpoint for the current step and prune old ones; a failed write stops the run with
+        a message naming the last good checkpoint."""
+        try:
+            path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.step), self.model, self.optimizer,
+                                        self.state(), self.config_yaml(), self.scaler, self.tokenizer)
+        except OSError as exc:
+            good = ckpt.list_checkpoints(self.run_dir)
+            raise RuntimeError(f"writing the checkpoint of step {self.step} failed ({exc}); the last good "
+                               f"checkpoint is {good[-1] if good else 'none'}. Free space or fix the output "
+                               f"directory, then continue with --resume latest") from exc
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last + 1, self.cfg.train.keep_every)
         return path
 
     def resume(self, path: str | Path) -> None:
