@@ -202,3 +202,19 @@ def test_bad_output_directory_and_full_disk_fail_before_training(tmp_path, monke
     with pytest.raises(OSError, match=r"not enough free disk for a checkpoint in .*: a checkpoint needs about \d+ MiB, "
                                       r"1 MiB are free"):
         build_trainer(micro_config(tmp_path / "ok"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data.source", "table", "--data.train_path", "/nonexistent/train.csv"], "error: table not found: /nonexistent/train.csv"),
+    (["--tokenizer.path", "/nonexistent/tokenizer.json"], "error: No tokenizer file at /nonexistent/tokenizer.json"),
+    (["--model.arch.vision.image_size", "30"], "vision.image_size (30) must be a multiple of vision.patch_size (8)"),
+    (["--resume", "/nonexistent/step_0000001"], "--resume /nonexistent/step_0000001: not a valid checkpoint "
+                                                "(/nonexistent/step_0000001 is not a directory)"),
+    (["--train.batch_size", "0"], "error: train.batch_size must be > 0, got 0"),
+])
+def test_bad_inputs_are_reported_before_any_work(tmp_path, capsys, args, message):
+    from cliptrain.cli import main
+    assert main(["train", "--train.output_dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("checkpoints"))
