@@ -17,7 +17,7 @@ TOKENIZER = train_bpe(["a red circle", "a blue square"], 300, 16)
 def save(run_dir, step, model=None):
     model = model or create_model("tiny", **MICRO_ARCH)
     opt = torch.optim.AdamW(model.parameters())
-    return ckpt.save_checkpoint(ckpt.checkpoint_dir(run_dir, step), model, opt,
+    return ckpt.save_checkpoint(ckpt.checkpoint_dir(run_dir, step), model.state_dict(), opt.state_dict(),
                                 {"step": step, "rng": ckpt.rng_state()}, "model: {}\n", tokenizer=TOKENIZER)
 
 
@@ -48,10 +48,11 @@ def test_latest_skips_incomplete_and_temporary(tmp_path):
 
 
 def test_resume_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint under"):
+    with pytest.raises(FileNotFoundError, match="--resume latest: no valid checkpoint under"):
         ckpt.resolve_resume("latest", tmp_path)
+    assert ckpt.resolve_resume("auto", tmp_path) is None
     (tmp_path / "x").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint directory \\(missing: model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="not a valid checkpoint \\(missing model.safetensors, optimizer.pt"):
         ckpt.resolve_resume(str(tmp_path / "x"), tmp_path)
 
 
@@ -64,9 +65,8 @@ def test_optimizer_state_refuses_code_running_pickles(tmp_path):
     path = save(tmp_path, 1)
     with open(path / "optimizer.pt", "wb") as f:
         pickle.dump({"optimizer": Evil()}, f)
-    model = create_model("tiny", **MICRO_ARCH)
     with pytest.raises(pickle.UnpicklingError):
-        ckpt.load_training_state(path, torch.optim.AdamW(model.parameters()))
+        ckpt.load_training_state(path)
 
 
 def test_rng_state_round_trip():

@@ -31,15 +31,26 @@ def cmd_train(argv: list[str]) -> int:
     if args.resume:
         rest += ["--train.resume", args.resume]
     cfg = load_config(args.config, rest)
+    from cliptrain.distributed import init_distributed, peer_failure, report_failure, shutdown
     from cliptrain.training.setup import build_trainer
-    trainer = build_trainer(cfg)
-    print(f"run directory: {trainer.run_dir}  model: {cfg.model.name}  precision: {trainer.precision}  "
-          f"steps: {trainer.total_steps} ({trainer.steps_per_epoch}/epoch)", flush=True)
-    results = trainer.fit()
+    world = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        trainer = build_trainer(cfg, world)
+        trainer.say(f"run directory: {trainer.run_dir}  model: {cfg.model.name}  precision: {trainer.precision}  "
+                    f"processes: {world.world_size}  steps: {trainer.total_steps} ({trainer.steps_per_epoch}/epoch)")
+        results = trainer.fit()
+    except BaseException as exc:
+        report_failure(world, exc)
+        peer = peer_failure(world) if world.distributed else None
+        if peer and not peer.startswith(f"rank {world.rank}:"):
+            raise RuntimeError(f"stopping because {peer}") from exc
+        raise
+    finally:
+        shutdown()
     if trainer.stop.received:
         return 128 + trainer.stop.received
     if results:
-        print(f"results written to {trainer.run_dir / 'results.json'}", flush=True)
+        trainer.say(f"results written to {trainer.run_dir / 'results.json'}")
     return 0
 
 
@@ -126,8 +137,9 @@ def _eval_datasets(args, model, tokenizer, cfg, device) -> dict[str, float]:
     names = prompts.load_classnames(args.classnames) if args.classnames else None
     results: dict[str, float] = {}
     if args.zeroshot:
+        templates = prompts.load_templates(args.templates)
         data = datasets.load_labelled_images(args.zeroshot, names, args.image_key, args.label_key)
-        results.update(tasks.run_zeroshot(ctx, data, prompts.load_templates(args.templates), args.scoring))
+        results.update(tasks.run_zeroshot(ctx, data, templates, args.scoring))
     if args.retrieval:
         data = datasets.load_retrieval_table(args.retrieval, args.image_key, args.caption_key)
         results.update(tasks.run_retrieval(ctx, data))

@@ -329,6 +329,17 @@ class TrainSection:
 
 
 @dataclass
+class DistSection:
+    """Several processes (torchrun / SLURM): how they share the work."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"    # fsdp: FSDP2 (fully_shard) for large models
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
+    timeout_s: float = 600.0            # a collective waiting longer than this fails (e.g. a dead rank)
+
+    def __post_init__(self):
+        _check(self.timeout_s > 0, f"dist.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass
 class EvalSection:
     """What to evaluate, and when."""
     every_epochs: int = 1               # 0: only at the end
@@ -352,6 +363,7 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    dist: DistSection = field(default_factory=DistSection)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping = ()) -> RunConfig:

@@ -63,13 +63,20 @@ class EpochSampler(Sampler):
     """Yields (epoch, index) keys: a permutation seeded by (seed, epoch), from position `start` on.
 
     Only whole batches are used (the incomplete tail of the permutation is dropped) when
-    `batch_size` is given. With `shuffle=False` the order is 0..n-1.
+    `batch_size` (the global batch) is given. With several ranks, each global batch is split into
+    `world_size` equal consecutive parts and rank r yields part r, so the ranks together see every
+    sample of the epoch exactly once, in the same global batches as one process. With
+    `shuffle=False` the order is 0..n-1.
     """
 
     def __init__(self, n: int, epoch: int = 0, seed: int = 0, start: int = 0, batch_size: int | None = None,
-                 shuffle: bool = True):
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.n, self.epoch, self.seed, self.start, self.shuffle = n, epoch, seed, start, shuffle
         self.end = (n // batch_size) * batch_size if batch_size else n
+        self.rank, self.world_size = rank, world_size
+        if world_size > 1 and (batch_size is None or batch_size % world_size):
+            raise ValueError(f"the batch size ({batch_size}) must be divisible by the number of processes ({world_size})")
+        self.batch_size = batch_size
 
     def order(self) -> torch.Tensor:
         """The full sample order of this epoch."""
@@ -79,11 +86,13 @@ class EpochSampler(Sampler):
         return torch.randperm(self.n, generator=gen)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.order()[self.start:self.end].tolist()
-        return iter([(self.epoch, i) for i in order])
+        order = self.order()[self.start:self.end]
+        if self.world_size > 1:
+            order = order.view(-1, self.world_size, self.batch_size // self.world_size)[:, self.rank].reshape(-1)
+        return iter([(self.epoch, i) for i in order.tolist()])
 
     def __len__(self) -> int:
-        return max(0, self.end - self.start)
+        return max(0, self.end - self.start) // self.world_size
 
 
 class Collate:

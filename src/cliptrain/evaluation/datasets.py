@@ -48,16 +48,17 @@ class RetrievalSet:
 
 
 def _column(rows: list[dict], path: Path, wanted: str | None, candidates: Sequence[str], what: str) -> str:
-    columns = list(rows[0])
+    columns = ", ".join(rows[0])
+    option = f"--{what.split()[0]}-key"
     if wanted is not None:
         if wanted not in rows[0]:
-            raise ValueError(f"{path}: no column {wanted!r} for the {what}; columns are {', '.join(columns)}")
+            raise ValueError(f"{path}: no column {wanted!r} for the {what}; columns are {columns} (choose with {option})")
         return wanted
     for name in candidates:
         if name in rows[0]:
             return name
-    raise ValueError(f"{path}: no {what} column (looked for {', '.join(candidates)}); columns are "
-                     f"{', '.join(columns)}. Name it with the key option.")
+    raise ValueError(f"{path}: no {what} column (looked for {', '.join(candidates)}); columns are {columns} "
+                     f"(choose with {option})")
 
 
 def _resolve(root: Path, p: str) -> str:

@@ -76,12 +76,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_files(tmp: Path, model: nn.Module, optimizer, state: dict, config_yaml: str, scaler, tokenizer) -> None:
-    weights = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {}}, tmp / "optimizer.pt")
+def _write_files(tmp: Path, weights: dict, optimizer_state: dict | None, state: dict, config_yaml: str,
+                 scaler_state: dict | None, tokenizer) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    if optimizer_state is not None:
+        torch.save({"optimizer": optimizer_state, "scaler": scaler_state or {}}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
     if tokenizer is not None:
@@ -93,10 +92,13 @@ def _write_files(tmp: Path, model: nn.Module, optimizer, state: dict, config_yam
     _fsync(tmp)
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict, config_yaml: str, scaler: torch.amp.GradScaler | None = None,
+def save_checkpoint(directory: str | Path, weights: dict[str, torch.Tensor], optimizer_state: dict | None,
+                    state: dict, config_yaml: str, scaler_state: dict | None = None,
                     tokenizer: Any | None = None) -> Path:
     """Write a checkpoint atomically to `directory` and return its path.
+
+    `weights` are full tensors keyed by name; `optimizer_state` is keyed by parameter name
+    (see training/parallel.py), so any number of processes can resume it.
 
     On any failure (e.g. no space left) the partial temporary directory is removed and the error
     re-raised; existing checkpoints are never touched until the new one is whole.
@@ -107,7 +109,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _write_files(tmp, model, optimizer, state, config_yaml, scaler, tokenizer)
+        _write_files(tmp, weights, optimizer_state, state, config_yaml, scaler_state, tokenizer)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,18 +214,16 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
     target.load_state_dict(weights, strict=True)
 
 
-def load_training_state(directory: str | Path, optimizer: torch.optim.Optimizer,
-                        scaler: torch.amp.GradScaler | None = None) -> dict:
-    """Load optimizer / scaler state (weights_only: code-running pickles are refused) and return state.json,
-    with the RNG states restored."""
+def load_training_state(directory: str | Path) -> tuple[dict, dict]:
+    """(optimizer.pt contents, state.json) of a checkpoint, with the RNG states restored.
+
+    optimizer.pt is read with weights_only=True, so a pickle that would run code is refused.
+    """
     directory = Path(directory)
     blob = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    if scaler is not None and blob.get("scaler"):
-        scaler.load_state_dict(blob["scaler"])
     state = json.loads((directory / "state.json").read_text())
     set_rng_state(state["rng"])
-    return state
+    return blob, state
 
 
 def resolve_resume(resume: str, run_dir: str | Path, report: Callable[[str], None] = print) -> Path | None:

@@ -12,6 +12,7 @@ from cliptrain.config import ConfigError, RunConfig, flatten, from_dict, save_co
 from cliptrain.data import PairDataset
 from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDataset
 from cliptrain.data.tables import TableSource
+from cliptrain.distributed import World, broadcast_object
 from cliptrain.evaluation.evaluate import EvalSet
 from cliptrain.models import CLIP, create_model
 from cliptrain.models.config import CLIPConfig
@@ -107,11 +108,20 @@ def _model_config(cfg: RunConfig, resume: Path | None) -> CLIPConfig:
     return saved
 
 
-def build_trainer(cfg: RunConfig, device: torch.device | None = None) -> Trainer:
-    """Everything a training run needs, resumed from a checkpoint when `train.resume` is set."""
+def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
+    """Everything a training run needs, resumed from a checkpoint when `train.resume` is set.
+
+    Under several processes every rank calls this with its World; only rank 0 writes files.
+    """
+    world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.batch_size % (world.world_size * cfg.train.accum_steps):
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes "
+                          f"({world.world_size}) times train.accum_steps ({cfg.train.accum_steps})")
     run_dir = resolve_run_dir(cfg)
+    if world.distributed:
+        run_dir = Path(broadcast_object(str(run_dir)))  # a timestamped name must be the same on every rank
     resume = ckpt.resolve_resume(cfg.train.resume, run_dir) if cfg.train.resume else None
     torch.manual_seed(cfg.train.seed)
     model_cfg = _model_config(cfg, resume)
@@ -122,13 +132,16 @@ def build_trainer(cfg: RunConfig, device: torch.device | None = None) -> Trainer
     else:
         tokenizer = build_tokenizer(cfg, lambda: source_captions(train_src), model_cfg)
     model = create_model(model_cfg, text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
+    if resume is not None:
+        ckpt.load_model_weights(model, resume)
     a = cfg.augment
     train_data = PairDataset(train_src, image_transform(size, True, a.mean, a.std, a.interpolation, a.scale),
                              cfg.train.seed)
-    check_output_dir(run_dir, checkpoint_size(model))
-    trainer = Trainer(cfg, model, tokenizer, train_data, build_evalset(cfg, val_src, zs, size), run_dir, device)
-    save_config(cfg, run_dir / "config.yaml")
-    tokenizer.save(run_dir / "tokenizer.json")
+    if world.is_main:
+        check_output_dir(run_dir, checkpoint_size(model))
+        save_config(cfg, run_dir / "config.yaml")
+        tokenizer.save(run_dir / "tokenizer.json")
+    trainer = Trainer(cfg, model, tokenizer, train_data, build_evalset(cfg, val_src, zs, size), run_dir, world)
     if resume is not None:
         trainer.resume(resume)
     return trainer

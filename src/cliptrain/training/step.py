@@ -1,12 +1,14 @@
-"""Forward and backward of one optimizer step, with exact gradient accumulation."""
+"""Forward and backward of one optimizer step: exact gradient accumulation, across ranks too."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
 import torch
 from torch import nn
 
+from cliptrain.distributed import World, gather, gather_with_grad
 from cliptrain.models.clip import ModelOutput
 from cliptrain.training.precision import autocast
 
@@ -23,55 +25,73 @@ def _total(objective: Objective, output: ModelOutput) -> tuple[torch.Tensor, dic
 
 
 def forward_backward(model: nn.Module, objective: Objective, images: torch.Tensor, texts: torch.Tensor,
-                     accum_steps: int = 1, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None
+                     accum_steps: int = 1, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
+                     world: World | None = None, no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
                      ) -> dict[str, torch.Tensor]:
-    """Accumulate into `.grad` the gradient of the objective on the whole batch; return detached losses.
+    """Accumulate into `.grad` the gradient of the objective on the whole (global) batch; return detached losses.
 
-    With `accum_steps` k > 1 the batch is processed in k micro-batches, yet the gradient of every
-    parameter equals that of the single batch (the whole batch provides the negatives):
-      1. encode every micro-batch without gradients and join the outputs;
+    Across ranks, per-sample outputs of every rank are gathered, so every rank's loss sees the global
+    batch as negatives; with DDP / FSDP averaging gradients over ranks, the result equals the gradient
+    of one process on the global batch.
+
+    With `accum_steps` k > 1 each rank's batch is processed in k micro-batches, yet every parameter's
+    gradient equals that of the single batch:
+      1. encode every micro-batch without gradients, join the outputs (and gather them across ranks);
       2. compute the loss on the joined outputs and its gradient w.r.t. each output tensor;
       3. re-encode each micro-batch with gradients and back-propagate its slice of those output
-         gradients. Shared outputs (logit scale, bias) get their gradient once, with the first
-         micro-batch, so it is not counted k times.
-    The model must be deterministic between the two encodings (no dropout drawn differently).
+         gradients. Shared outputs (logit scale, bias) get their gradient once, with the last
+         micro-batch (the one whose backward synchronises gradients across ranks).
+    `no_sync` (DDP's `no_sync`) suppresses the gradient all-reduce of the first k-1 micro-batches.
+    The model must be deterministic between the two encodings.
     """
-    device = images.device
+    world = world or World()
     scale = scaler.scale if scaler is not None else (lambda t: t)
     if accum_steps == 1:
-        with autocast(precision, device):
+        with autocast(precision, images.device):
             output = model(images, texts)
+        if world.distributed:
+            output = dataclasses.replace(output, **{n: gather_with_grad(getattr(output, n)) for n in PER_SAMPLE_FIELDS})
         total, logged = _total(objective, output)
         scale(total).backward()
         return logged
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
-    with torch.no_grad(), autocast(precision, device):
+    with torch.no_grad(), autocast(precision, images.device):
         outs = [model(i, t) for i, t in chunks]
-    joined = _join(outs)
+    joined = _join(outs, world)
     total, logged = _total(objective, ModelOutput(**joined))
     names = [n for n, v in joined.items() if v is not None]
     grads = dict(zip(names, torch.autograd.grad(scale(total), [joined[n] for n in names], allow_unused=True)))
+    local = images.shape[0]
     sizes = [len(i) for i, _ in chunks]
-    sliced = {n: grads[n].split(sizes) for n in PER_SAMPLE_FIELDS if grads.get(n) is not None}
+    # This rank's rows of the gathered gradient, times world_size: the ranks' gradients are averaged.
+    sliced = {n: (grads[n][world.rank * local:(world.rank + 1) * local] * world.world_size).split(sizes)
+              for n in PER_SAMPLE_FIELDS if grads.get(n) is not None}
     shared = [n for n in names if n not in PER_SAMPLE_FIELDS and grads[n] is not None]
     for j, (i, t) in enumerate(chunks):
-        with autocast(precision, device):
-            out = model(i, t)
-        terms = [(getattr(out, n).float() * g[j]).sum() for n, g in sliced.items()]
-        if j == 0:
-            terms += [(getattr(out, n).float() * grads[n]).sum() for n in shared]
-        torch.stack(terms).sum().backward()
+        last = j == len(chunks) - 1
+        with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
+            with autocast(precision, images.device):
+                out = model(i, t)
+            terms = [(getattr(out, n).float() * g[j]).sum() for n, g in sliced.items()]
+            if last:
+                terms += [(getattr(out, n).float() * grads[n]).sum() for n in shared]
+            torch.stack(terms).sum().backward()
     return logged
 
 
-def _join(outs: list[ModelOutput]) -> dict[str, torch.Tensor | None]:
-    """Concatenate per-sample outputs of micro-batches; take shared ones from the first; as float32 leaves."""
+def _join(outs: list[ModelOutput], world: World) -> dict[str, torch.Tensor | None]:
+    """Concatenate per-sample outputs of micro-batches (then across ranks); take shared ones from the first;
+    as float32 leaves that require grad."""
     joined: dict[str, torch.Tensor | None] = {}
     for f in dataclasses.fields(ModelOutput):
         values = [getattr(o, f.name) for o in outs]
         if values[0] is None:
             joined[f.name] = None
             continue
-        value = torch.cat(values) if f.name in PER_SAMPLE_FIELDS else values[0]
+        if f.name in PER_SAMPLE_FIELDS:
+            value = torch.cat(values)
+            value = gather(value) if world.distributed else value
+        else:
+            value = values[0]
         joined[f.name] = value.detach().float().requires_grad_(True)
     return joined

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cliptrain.config import RunConfig, to_dict
+from cliptrain.distributed import World, barrier
 from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader
 from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
 from cliptrain.logging import Meter, MetricSinks, truncate_log
@@ -17,19 +18,25 @@ from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
 from cliptrain.training.optim import build_optimizer, lr_at, set_lr
 from cliptrain.training.precision import grad_scaler, resolve_precision
+from cliptrain.training.parallel import (full_norm, load_optimizer_state_dict, model_state_dict, no_sync,
+                                         optimizer_state_dict, wrap_model)
 from cliptrain.training.step import forward_backward
+
+
 
 class Trainer:
     """Trains `model` on `train_data` as configured, evaluating on `evalset` and saving to `run_dir`."""
 
     def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer, train_data: PairDataset,
-                 evalset: EvalSet | None, run_dir: str | Path, device: torch.device | None = None):
+                 evalset: EvalSet | None, run_dir: str | Path, world: World | None = None):
         self.cfg, self.tokenizer, self.train_data, self.evalset = cfg, tokenizer, train_data, evalset
         self.run_dir = Path(run_dir)
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = self.world.device
         model = model.to(self.device)
-        self.model = torch.compile(model) if cfg.train.compile else model
         self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.model = wrap_model(model, self.world, cfg.dist.strategy, self.precision, cfg.train.compile)
+        self.no_sync = no_sync(self.model)
         self.objective = build_objective("contrastive")
         self.optimizer = build_optimizer(model, cfg.optim)  # the unwrapped model: its parameter names
         self.scaler = grad_scaler(self.precision, self.device)
@@ -51,11 +58,11 @@ class Trainer:
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.cfg.optim))
         self.optimizer.zero_grad(set_to_none=True)
         batch = batch.to(self.device)
-        losses = forward_backward(self.model, self.objective, batch.images, batch.texts,
-                                  self.cfg.train.accum_steps, self.precision, self.scaler)
+        losses = forward_backward(self.model, self.objective, batch.images, batch.texts, self.cfg.train.accum_steps,
+                                  self.precision, self.scaler, self.world, self.no_sync)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else float("inf")
-        losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        losses["grad_norm"] = full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         finite = self.guard.finite(losses["loss"], losses["grad_norm"])
         if finite:
             self.scaler.step(self.optimizer)
@@ -65,16 +72,17 @@ class Trainer:
         skipped = self.guard.record(self.step, finite, {"epoch": (self.step - 1) // self.steps_per_epoch,
                                                          "indices": batch.indices.tolist()})
         if skipped:
-            print(skipped, flush=True)
-            self.sinks.log("skip", self.step, {"nonfinite_skips": self.guard.total})
+            self.say(skipped)
+            self.record("skip", {"nonfinite_skips": self.guard.total})
         return losses
 
     # ------------------------------------------------------------------ the loop
     def loader(self, epoch: int, start_step: int = 0):
         """Training batches of `epoch`, starting at its `start_step`-th batch."""
-        bs = self.cfg.train.batch_size
-        sampler = EpochSampler(len(self.train_data), epoch, self.cfg.train.seed, start_step * bs, bs)
-        return make_loader(self.train_data, self.tokenizer, bs, sampler, self.cfg.data.workers,
+        bs, w = self.cfg.train.batch_size, self.world
+        sampler = EpochSampler(len(self.train_data), epoch, self.cfg.train.seed, start_step * bs, bs,
+                               rank=w.rank, world_size=w.world_size)
+        return make_loader(self.train_data, self.tokenizer, bs // w.world_size, sampler, self.cfg.data.workers,
                            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
@@ -97,13 +105,14 @@ class Trainer:
                 if not ckpt.checkpoint_dir(self.run_dir, self.step).exists():
                     self.save()
             if self.stop.received:
-                print(f"stopped at step {self.step}; checkpoint saved; continue with --resume latest", flush=True)
+                self.say(f"stopped at step {self.step}; checkpoint saved; continue with --resume latest")
             elif self.step >= self.total_steps:
                 results = self.run_eval(final=True)
         finally:
             if progress is not None:
                 progress.close()
-            self.sinks.close()
+            if self.sinks is not None:
+                self.sinks.close()
         return results
 
     def _run_epoch(self, epoch: int, start: int, stop: int, progress) -> None:
@@ -137,23 +146,35 @@ class Trainer:
         m["logit_scale"] = float(ckpt.unwrap(self.model).logit_scale.detach().exp())
         m["epoch"] = self.step / self.steps_per_epoch
         m["eta_s"] = (self.total_steps - self.step) * busy / max(1, self.meters["samples"].count)
-        self.sinks.log("train", self.step, m)
+        self.record("train", m)
         if progress is not None:
             progress.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", scale=f"{m['logit_scale']:.1f}",
                                  sps=f"{m['samples_per_s']:.0f}")
         else:
-            print(f"step {self.step}/{self.total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-                  f"scale {m['logit_scale']:.1f} {m['samples_per_s']:.0f} samples/s", flush=True)
+            self.say(f"step {self.step}/{self.total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                     f"scale {m['logit_scale']:.1f} {m['samples_per_s']:.0f} samples/s")
         for meter in self.meters.values():
             meter.reset()
 
+    def say(self, message: str) -> None:
+        """Print on the main process only."""
+        if self.world.is_main:
+            print(message, flush=True)
+
+    def record(self, kind: str, metrics: dict) -> None:
+        """Log metrics at the current step (main process only)."""
+        if self.sinks is not None:
+            self.sinks.log(kind, self.step, metrics)
+
     def _progress(self, stop: int):
-        if not self.cfg.train.progress:
+        if not self.cfg.train.progress or not self.world.is_main:
             return None
         from tqdm.auto import tqdm
         return tqdm(total=stop, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
     def _open_sinks(self) -> None:
+        if not self.world.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         truncate_log(self.run_dir / "log.jsonl", self.step)
         t = self.cfg.train
@@ -163,14 +184,14 @@ class Trainer:
         """Evaluate now, log the results, and (at the end) print the table and write results files."""
         if self.evalset is None:
             if final:
-                print("no validation data (data.val_path is unset): evaluation skipped", flush=True)
+                self.say("no validation data (data.val_path is unset): evaluation skipped")
             return {}
         e = self.cfg.eval
         results = evaluate(ckpt.unwrap(self.model), self.evalset, self.tokenizer, self.device, self.precision,
                            e.batch_size, self.cfg.data.workers, e.val_loss, e.retrieval, e.zeroshot)
         results["epoch"] = self.step / self.steps_per_epoch
-        self.sinks.log("eval", self.step, results)
-        if final:
+        self.record("eval", results)
+        if final and self.world.is_main:
             title = f"{self.cfg.model.name} after {self.step} steps"
             write_results(results, self.run_dir, title)
             print("\n" + format_table(results, title), flush=True)
@@ -199,21 +220,29 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint for the current step and prune old ones; a failed write stops the run with
         a message naming the last good checkpoint."""
-        try:
-            path = ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.step), self.model, self.optimizer,
-                                        self.state(), self.config_yaml(), self.scaler, self.tokenizer)
-        except OSError as exc:
-            good = ckpt.list_checkpoints(self.run_dir)
-            raise RuntimeError(f"writing the checkpoint of step {self.step} failed ({exc}); the last good "
-                               f"checkpoint is {good[-1] if good else 'none'}. Free space or fix the output "
-                               f"directory, then continue with --resume latest") from exc
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last + 1, self.cfg.train.keep_every)
+        path = ckpt.checkpoint_dir(self.run_dir, self.step)
+        weights = model_state_dict(self.model)                              # collectives under FSDP:
+        optimizer_state = optimizer_state_dict(self.model, self.optimizer)  # every rank takes part
+        if self.world.is_main:
+            try:
+                ckpt.save_checkpoint(path, weights, optimizer_state, self.state(), self.config_yaml(),
+                                     self.scaler.state_dict(), self.tokenizer)
+            except OSError as exc:
+                good = ckpt.list_checkpoints(self.run_dir)
+                raise RuntimeError(f"writing the checkpoint of step {self.step} failed ({exc}); the last good "
+                                   f"checkpoint is {good[-1] if good else 'none'}. Free space or fix the output "
+                                   f"directory, then continue with --resume latest") from exc
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last + 1, self.cfg.train.keep_every)
+        barrier()
         return path
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint directory: weights, optimizer, scaler, step and RNG."""
-        ckpt.load_model_weights(self.model, path)
-        state = ckpt.load_training_state(path, self.optimizer, self.scaler)
+        """Continue from a checkpoint directory: optimizer, scaler, step and RNG (the weights are loaded into the
+        model before it is wrapped, see training/setup.py)."""
+        blob, state = ckpt.load_training_state(path)
+        load_optimizer_state_dict(self.model, self.optimizer, blob["optimizer"])
+        if blob.get("scaler"):
+            self.scaler.load_state_dict(blob["scaler"])
         saved, now = state["data_order"], self._data_order()
         changed = [f"{k}: {saved[k]} -> {now[k]}" for k in saved if saved[k] != now.get(k)]
         if changed:
@@ -221,9 +250,9 @@ class Trainer:
                              f"Resume with the run's train.seed, train.batch_size and training data.")
         self.step = state["step"]
         if state["total_steps"] != self.total_steps:
-            print(f"note: the schedule length changed from {state['total_steps']} to {self.total_steps} steps; "
+            self.say(f"note: the schedule length changed from {state['total_steps']} to {self.total_steps} steps; "
                   f"the learning rate at step {self.step} is now "
                   f"{lr_at(self.step, self.total_steps, self.cfg.optim):.3e} "
-                  f"(was {lr_at(self.step, state['total_steps'], self.cfg.optim):.3e})", flush=True)
-        print(f"resumed from {path} at step {self.step}", flush=True)
+                     f"(was {lr_at(self.step, state['total_steps'], self.cfg.optim):.3e})")
+        self.say(f"resumed from {path} at step {self.step}")
 

@@ -1,0 +1,160 @@
+"""torch.distributed plumbing: who we are (World), process-group set-up from torchrun or SLURM,
+feature gathering with gradients, and failure propagation between ranks.
+
+Nothing here knows about models or data; the trainer asks for a World and uses its helpers.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    """This process's place in the job."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host name of a SLURM node list such as "gpu[003-005,010],cpu01"."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        return nodelist
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def env_from_slurm(environ: dict) -> dict:
+    """torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's, for
+    one process per task started by `srun` (no torchrun); empty when not under such a SLURM step."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ or int(environ.get("SLURM_NTASKS", "1")) < 2:
+        return {}
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or _first_host(environ.get("SLURM_JOB_NODELIST",
+                                                                                environ.get("SLURM_NODELIST", "127.0.0.1"))),
+            "MASTER_PORT": environ.get("MASTER_PORT", str(29500 + int(environ.get("SLURM_JOB_ID", "0")) % 1000))}
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> World:
+    """Join the process group described by torchrun's (or SLURM's) environment; a single-process World otherwise.
+
+    One process per GPU (cuda:LOCAL_RANK, NCCL) or per CPU process (gloo).
+    """
+    os.environ.update(env_from_slurm(dict(os.environ)))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count())) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        chosen = ("nccl" if cuda else "gloo") if backend == "auto" else backend
+        dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": device} if chosen == "nccl" else {}))
+    return World(rank, world_size, local_rank, device)
+
+
+def shutdown() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients of every rank and returns this rank's slice.
+
+    Every rank computes the same global loss, so the summed gradient is world_size x the true one;
+    DDP / FSDP average gradients over ranks, which brings it back to exactly the true gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank in rank order (rows), differentiable (see _GatherWithGrad)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank in rank order (rows), without gradients."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_ERROR_KEY = "cliptrain/error"
+
+
+def report_failure(world: World, exc: BaseException) -> None:
+    """Publish this rank's error in the process group's store so the other ranks can show it."""
+    if not (world.distributed and dist.is_initialized()):
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(_ERROR_KEY, f"rank {world.rank}: {type(exc).__name__}: {exc}")
+    except Exception:  # noqa: BLE001 - best effort while failing
+        pass
+
+
+def peer_failure(world: World) -> str | None:
+    """Another rank's published error, if any (used when a collective here failed)."""
+    if not (world.distributed and dist.is_initialized()):
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if store.check([_ERROR_KEY]):
+            return store.get(_ERROR_KEY).decode()
+    except Exception:  # noqa: BLE001
+        return None
+    return None

@@ -1,0 +1,107 @@
+"""Wrapping a model for data parallelism (DDP or FSDP2) and moving its state in and out.
+
+State always leaves and enters in one portable form: full (unsharded) tensors keyed by parameter
+name, for the weights and the optimizer alike, so a checkpoint written by any number of
+processes, with or without FSDP, resumes on any other.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cliptrain.distributed import World
+from cliptrain.training.checkpoint import unwrap
+from cliptrain.training.precision import DTYPES
+
+
+def wrap_model(model: nn.Module, world: World, strategy: str, precision: str, compile: bool = False) -> nn.Module:
+    """`model` ready for training on `world`: DDP or FSDP2 across processes, optionally torch.compile'd."""
+    if world.distributed and strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision] if precision != "fp32" else None,
+                                      reduce_dtype=torch.float32)
+        for tower in (model.visual, model.text):
+            for block in tower.transformer.blocks:
+                fully_shard(block, mp_policy=policy)
+            fully_shard(tower, mp_policy=policy)
+        # The logit scale stays a plain parameter: every rank computes the same global loss, so its
+        # gradient is already identical on every rank and needs no reduction.
+    elif world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [world.device.index] if world.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return torch.compile(model) if compile else model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether FSDP2 manages part of `model`."""
+    inner = unwrap(model)
+    return hasattr(inner, "visual") and type(inner.visual).__name__.startswith("FSDP")
+
+
+def no_sync(model: nn.Module) -> Callable[[], contextlib.AbstractContextManager] | None:
+    """A context factory that suppresses gradient synchronisation for accumulation micro-steps."""
+    inner = model._orig_mod if hasattr(model, "_orig_mod") else model
+    if hasattr(inner, "no_sync") and isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+        return inner.no_sync
+    if is_fsdp(model):
+        towers = (unwrap(model).visual, unwrap(model).text)
+
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            for t in towers:
+                t.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                for t in towers:
+                    t.set_requires_gradient_sync(True)
+        return fsdp_no_sync
+    return None
+
+
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU weights keyed by name (a collective under FSDP: call it on every rank)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state with full tensors, keyed by parameter name (a collective under FSDP)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(unwrap(model), optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    sd = optimizer.state_dict()
+    ids = {}
+    for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        ids.update({i: names[id(p)] for i, p in zip(saved["params"], group["params"])})
+    return {"state": {ids[i]: s for i, s in sd["state"].items()},
+            "param_groups": [{**g, "params": [ids[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load what `optimizer_state_dict` returned (from any number of processes) into `optimizer`."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    template = optimizer.state_dict()
+    index = {}
+    for group, saved in zip(optimizer.param_groups, template["param_groups"]):
+        index.update({names[id(p)]: i for i, p in zip(saved["params"], group["params"])})
+    optimizer.load_state_dict({
+        "state": {index[n]: s for n, s in state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]})
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (FSDP returns a DTensor)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
