@@ -27,14 +27,20 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     torch.set_num_threads(2)
     cfg = micro_config(tmp_path_factory.mktemp("runs"), data={"train_samples": 128},
-                       train={"steps": 12, "save_every": 4}, eval={"every_epochs": 1})
+                       train={"steps": 12, "save_every": 4, "tensorboard": False}, eval={"every_epochs": 1})
     trainer = build_trainer(cfg)
     trainer.fit()
     return trainer.run_dir
 
 
-def test_report_page_references_existing_figures(run, tmp_path):
-    page = make_report(run, tmp_path / "rep", examples=3)
+@pytest.fixture(scope="module")
+def page(run):
+    """`cliptrain report RUN_DIR` (into RUN_DIR/report)."""
+    assert main(["report", str(run), "--examples", "3"]) == 0
+    return run / "report" / "index.html"
+
+
+def test_report_page_references_existing_figures(run, page):
     text = page.read_text()
     sources = re.findall(r"<img src='([^']+)'", text)
     assert sources == ["loss.png", "lr.png", "eval_curves.png", "confusion.png", "retrieval.png"]
@@ -50,16 +56,25 @@ def test_report_page_references_existing_figures(run, tmp_path):
     assert "at each of the 3 evaluations" in text and "(6 points, log.jsonl)" in text
 
 
+def test_report_of_a_run_without_checkpoints_shows_the_curves(run, tmp_path):
+    (tmp_path / "r").mkdir()
+    shutil.copy(run / "log.jsonl", tmp_path / "r" / "log.jsonl")
+    text = make_report(tmp_path / "r").read_text()
+    assert re.findall(r"<img src='([^']+)'", text) == ["loss.png", "lr.png", "eval_curves.png"]
+    assert "no checkpoint yet" in text
+    with pytest.raises(FileNotFoundError, match="neither log.jsonl nor checkpoints"):
+        make_report(tmp_path)
+
+
 def _chromium():
     return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (apt-get install chromium; .ci/run does)")
-def test_report_renders_in_headless_chromium(run, tmp_path):
-    assert main(["report", str(run), "--output", str(tmp_path / "rep")]) == 0
+def test_report_renders_in_headless_chromium(page, tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={shot}", "--window-size=1000,3000", (tmp_path / "rep" / "index.html").as_uri()],
+                    f"--screenshot={shot}", "--window-size=1000,3000", page.as_uri()],
                    check=True, capture_output=True, timeout=120)
     with Image.open(shot) as image:
         assert image.size == (1000, 3000)
@@ -119,8 +134,7 @@ def test_eval_on_dataset_files_equals_the_harness_loader_brute_force(run, tmp_pa
     # The same numbers from the harness loader's (model, transform, tokenizer) and brute force.
     model, transform, tokenizer = load_for_harness(last)
     with torch.no_grad():
-        paths = sorted((tmp_path / "folder").glob("*/*.png"))[:-1] if False else sorted(
-            p for p in (tmp_path / "folder").glob("*/*.png") if p.parent.name != "red_circle_extra")
+        paths = sorted(p for p in (tmp_path / "folder").glob("*/*.png") if p.parent.name != "red_circle_extra")
         img = model.encode_image(torch.stack([transform(Image.open(p)) for p in paths]))
         labels = torch.tensor([names.index(p.parent.name.replace("_", " ")) for p in paths])
         columns = []

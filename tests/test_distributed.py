@@ -1,0 +1,139 @@
+"""Real torch.distributed runs on CPU (gloo): 2 processes equal 1 process on the same global batch."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cliptrain.training import checkpoint as ckpt
+
+from conftest import MICRO_ARCH
+
+STEPS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path, name, **sections):
+    cfg = {
+        "model": {"arch": MICRO_ARCH},
+        "data": {"train_samples": 128, "val_samples": 32, "workers": 0},
+        "tokenizer": {"vocab_size": 300},
+        "optim": {"warmup_steps": 2},
+        "train": {"batch_size": 32, "accum_steps": 2, "steps": STEPS, "precision": "fp32", "output_dir": str(tmp_path),
+                  "name": name, "progress": False, "log_every": 1, "save_every": 3, "keep_last": 5,
+                  "tensorboard": False, "threads": 1},
+        "eval": {"every_epochs": 0, "zeroshot": False},
+        "dist": {"timeout_s": 30},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg[section], **values}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(config, nproc, *extra, timeout=240):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "cliptrain.cli", "train", "--config", str(config), *extra]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), "-m", "cliptrain.cli", "train", "--config", str(config), *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def weights(run_dir, step=STEPS):
+    return load_file(str(ckpt.checkpoint_dir(run_dir, step) / "model.safetensors"))
+
+
+def assert_close(a, b, tol=1e-5):
+    """Relative error of all weights together below `tol`.
+
+    Per tensor, the key biases of attention are not comparable: softmax ignores them, so their exact
+    gradient is zero and AdamW turns the rounding noise of the reduction order into full-size steps.
+    """
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k].double() - b[k].double()).flatten() for k in a])
+    ref = torch.cat([b[k].double().flatten() for k in a])
+    err = float(diff.norm() / ref.norm())
+    assert err < tol, f"relative error {err:.2e}"
+    for key in a:
+        x, y = a[key], b[key]
+        if key.endswith("attn.qkv.bias"):  # drop the key-bias third (see above)
+            third = x.shape[0] // 3
+            x, y = torch.cat([x[:third], x[2 * third:]]), torch.cat([y[:third], y[2 * third:]])
+        err = float((x - y).norm() / y.norm().clamp_min(1e-12))
+        assert err < tol, f"{key}: relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, global batch 32 in 2 accumulation micro-batches, checkpoints at steps 3 and 6."""
+    tmp = tmp_path_factory.mktemp("ref")
+    run(write_config(tmp, "one"), 1)
+    return tmp / "one"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path, reference, strategy):
+    out = run(write_config(tmp_path, "two", dist={"strategy": strategy}), 2)
+    assert "processes: 2" in out.stdout
+    two = tmp_path / "two"
+    assert_close(weights(two), weights(reference))
+    # Rank 0 alone wrote the logs: one train row per step, same losses as one process.
+    rows = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (reference / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    for a, b in zip([r for r in rows if r["kind"] == "train"], [r for r in ref_rows if r["kind"] == "train"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_resume_across_process_counts(tmp_path, reference, strategy):
+    # A 2-process run's step-3 checkpoint continued by 1 process...
+    run(write_config(tmp_path, "a", dist={"strategy": strategy}), 2)
+    step3 = str(ckpt.checkpoint_dir(tmp_path / "a", 3))
+    out = run(write_config(tmp_path, "a", train={"resume": step3}), 1)
+    assert f"resumed from {step3} at step 3" in out.stdout
+    assert_close(weights(tmp_path / "a"), weights(reference))
+    # ...and the 1-process run's step-3 checkpoint continued by 2 processes.
+    run(write_config(tmp_path, "b", train={"resume": str(ckpt.checkpoint_dir(reference, 3))},
+                     dist={"strategy": strategy}), 2)
+    assert_close(weights(tmp_path / "b"), weights(reference))
+
+
+def test_killing_one_rank_stops_the_other_within_the_timeout(tmp_path):
+    config = write_config(tmp_path, "kill", train={"steps": 100000, "save_every": 0, "accum_steps": 1},
+                          dist={"timeout_s": 20})
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "cliptrain.cli", "train", "--config", str(config)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    log = tmp_path / "kill" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    assert log.exists(), procs[0].communicate(timeout=5)[0]
+    procs[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    out = procs[0].communicate(timeout=60)[0]
+    assert time.time() - start < 20 + 10
+    assert procs[0].returncode not in (0, None)
+    assert "error:" in out
