@@ -137,3 +137,33 @@ def test_killing_one_rank_stops_the_other_within_the_timeout(tmp_path):
     assert time.time() - start < 20 + 10
     assert procs[0].returncode not in (0, None)
     assert "error:" in out
+
+
+def test_slurm_environment_becomes_torchrun_variables():
+    from cliptrain.distributed import _first_host, env_from_slurm
+    assert _first_host("gpu[003-005,010],cpu01") == "gpu003"
+    assert _first_host("node7") == "node7"
+    env = env_from_slurm({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                          "SLURM_JOB_NODELIST": "a100-[12-15]", "SLURM_JOB_ID": "4242"})
+    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "a100-12", "MASTER_PORT": "29742"}
+    assert env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}            # one task: no group
+    assert env_from_slurm({"RANK": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == {}  # torchrun under srun
+
+
+def test_batch_size_must_split_over_processes(tmp_path):
+    from cliptrain.config import ConfigError
+    from cliptrain.distributed import World
+    from cliptrain.training.setup import build_trainer
+    from conftest import micro_config
+    with pytest.raises(ConfigError, match=r"train.batch_size \(32\) must be divisible by the number of processes "
+                                          r"\(3\) times train.accum_steps \(1\)"):
+        build_trainer(micro_config(tmp_path), World(rank=0, world_size=3))
+
+
+def test_rank_split_covers_each_global_batch_once():
+    from cliptrain.data import EpochSampler
+    one = [i for _, i in EpochSampler(100, epoch=1, seed=3, start=16, batch_size=16)]
+    parts = [[i for _, i in EpochSampler(100, 1, 3, 16, 16, rank=r, world_size=4)] for r in range(4)]
+    assert all(len(p) == len(one) // 4 for p in parts)
+    for b in range(len(one) // 16):  # global batch b = the ranks' slices in rank order
+        assert sum((p[4 * b:4 * b + 4] for p in parts), []) == one[16 * b:16 * b + 16]
