@@ -1,5 +1,6 @@
-"""Evaluation of image-text models: retrieval recall/ranks and zero-shot classification.
+"""Evaluation of image-text models: retrieval recall/ranks, zero-shot classification and linear probes,
+on the run's validation data or on datasets given as files (see docs/evaluation.md).
 
-Both use one tie rule: the rank of the correct item is 1 + the number of candidates scoring
+Every metric uses one tie rule: the rank of the correct item is 1 + the number of candidates scoring
 strictly higher than it, so ties count in the correct item's favour.
 """

@@ -97,7 +97,7 @@ def format_table(results: dict[str, float], title: str = "Evaluation") -> str:
         if any(p in key for p in _PERCENT):
             shown = f"{100 * value:.2f}%"
         elif isinstance(value, float) and not value.is_integer():
-            shown = f"{value:.4f}"
+            shown = f"{value:.4f}" if abs(value) >= 1e-3 else f"{value:.3g}"
         else:
             shown = f"{int(value)}"
         lines.append(f"| {key} | {shown} |")

@@ -134,6 +134,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     model = create_model(model_cfg, text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
     if resume is not None:
         ckpt.load_model_weights(model, resume)
+    torch.manual_seed(cfg.train.seed + 1_000_003 * world.rank)  # step-time randomness differs per rank
     a = cfg.augment
     train_data = PairDataset(train_src, image_transform(size, True, a.mean, a.std, a.interpolation, a.scale),
                              cfg.train.seed)
