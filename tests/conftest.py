@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from cliptrain.config import load_config
 
@@ -18,8 +19,9 @@ def _deterministic():
     torch.set_num_threads(2)
 
 
-def micro_config(tmp_path, **sections):
-    """A RunConfig training MICRO_ARCH on a few hundred shapes samples, in fp32, without progress bars."""
+def micro_dict(tmp_path, **sections) -> dict:
+    """A run config (as a dict) training MICRO_ARCH on a few hundred shapes samples, in fp32, without
+    progress bars, in tmp_path/run; `sections` update its sections key by key."""
     base = {
         "model": {"name": "tiny", "arch": MICRO_ARCH},
         "data": {"train_samples": 256, "val_samples": 64, "workers": 0},
@@ -31,4 +33,17 @@ def micro_config(tmp_path, **sections):
     }
     for section, values in sections.items():
         base[section] = {**base.get(section, {}), **values}
-    return load_config(None, base)
+    return base
+
+
+def micro_config(tmp_path, **sections):
+    """`micro_dict` as a validated RunConfig."""
+    return load_config(None, micro_dict(tmp_path, **sections))
+
+
+def micro_yaml(tmp_path, name, **sections):
+    """`micro_dict` (run directory tmp_path/name) written to tmp_path/name.yaml, for subprocess runs."""
+    sections = {**sections, "train": {"name": name, **sections.get("train", {})}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(micro_dict(tmp_path, **sections)))
+    return path

@@ -9,12 +9,11 @@ import time
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from cliptrain.training import checkpoint as ckpt
 
-from conftest import MICRO_ARCH
+from conftest import micro_yaml
 
 STEPS = 6
 
@@ -26,22 +25,10 @@ def free_port() -> int:
 
 
 def write_config(tmp_path, name, **sections):
-    cfg = {
-        "model": {"arch": MICRO_ARCH},
-        "data": {"train_samples": 128, "val_samples": 32, "workers": 0},
-        "tokenizer": {"vocab_size": 300},
-        "optim": {"warmup_steps": 2},
-        "train": {"batch_size": 32, "accum_steps": 2, "steps": STEPS, "precision": "fp32", "output_dir": str(tmp_path),
-                  "name": name, "progress": False, "log_every": 1, "save_every": 3, "keep_last": 5,
-                  "tensorboard": False, "threads": 1},
-        "eval": {"every_epochs": 0, "zeroshot": False},
-        "dist": {"timeout_s": 30},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg[section], **values}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    train = {"accum_steps": 2, "steps": STEPS, "log_every": 1, "save_every": 3, "keep_last": 5,
+             "tensorboard": False, "threads": 1, **sections.pop("train", {})}
+    return micro_yaml(tmp_path, name, train=train, data={"train_samples": 128, "val_samples": 32},
+                      eval={"zeroshot": False}, dist={"timeout_s": 30, **sections.pop("dist", {})})
 
 
 def run(config, nproc, *extra, timeout=240):

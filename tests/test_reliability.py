@@ -9,30 +9,19 @@ import time
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import NonFiniteError
 from cliptrain.training.setup import build_trainer
 
-from conftest import MICRO_ARCH, micro_config
+from conftest import MICRO_ARCH, micro_config, micro_yaml
 
 
 def write_config(tmp_path, name, **train):
-    cfg = {
-        "model": {"arch": MICRO_ARCH},
-        "data": {"train_samples": 256, "val_samples": 32, "workers": 0},
-        "tokenizer": {"vocab_size": 300},
-        "optim": {"warmup_steps": 2},
-        "train": {"batch_size": 32, "steps": 30, "precision": "fp32", "output_dir": str(tmp_path), "name": name,
-                  "progress": False, "log_every": 1, "save_every": 1, "keep_last": 1, "tensorboard": False,
-                  "threads": 1, **train},
-        "eval": {"every_epochs": 0, "zeroshot": False},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return micro_yaml(tmp_path, name, train={"steps": 30, "log_every": 1, "save_every": 1, "keep_last": 1,
+                                             "tensorboard": False, "threads": 1, **train},
+                      data={"val_samples": 32}, eval={"zeroshot": False})
 
 
 def train_cmd(config):
