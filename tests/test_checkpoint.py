@@ -92,3 +92,12 @@ def test_unwrap_ddp_style_wrapper():
     wrapper = torch.nn.Module()
     wrapper.module = model
     assert ckpt.unwrap(wrapper) is model
+
+
+def test_prune_keeps_last_k_plus_every_nth(tmp_path):
+    model = create_model("tiny", **MICRO_ARCH)
+    for step in range(1, 9):
+        save(tmp_path, step, model)
+    ckpt.prune_checkpoints(tmp_path, keep_last=2, keep_every=3)
+    assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path)] == [3, 6, 7, 8]
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # nothing half-deleted left behind
