@@ -1,4 +1,8 @@
-"""Run the evaluators (validation loss, retrieval, zero-shot) on a model and write the results."""
+"""Run the evaluators (validation loss, retrieval, zero-shot) on a model and write the results.
+
+Under torch.distributed every rank encodes a share of the set, the features are gathered, and each
+rank computes the same metrics from the whole set (every rank must call `evaluate`).
+"""
 from __future__ import annotations
 
 import json
@@ -9,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from cliptrain.data import EpochSampler, PairDataset, make_loader
+from cliptrain.data import PairDataset, make_loader
 from cliptrain.evaluation.retrieval import retrieval_metrics
 from cliptrain.evaluation.zeroshot import build_classifier, zero_shot_metrics
 from cliptrain.training.precision import autocast
@@ -28,18 +32,47 @@ class EvalSet:
     groups: dict[str, list[int]] = field(default_factory=dict)
 
 
+def rank_share(n: int, rank: int = 0, world_size: int = 1) -> tuple[list[int], list[int]]:
+    """(this rank's indices, every rank's true share size) for encoding range(n) on `world_size` ranks.
+
+    Each rank takes a contiguous slice; slices are padded to the longest by repeating their last
+    index, so every rank runs the same number of equally sized batches (FSDP-wrapped towers need
+    every rank in every forward); the padding is dropped after the gather.
+    """
+    bounds = [n * r // world_size for r in range(world_size + 1)]
+    sizes = [bounds[r + 1] - bounds[r] for r in range(world_size)]
+    mine = list(range(bounds[rank], bounds[rank + 1]))
+    return mine + [mine[-1] if mine else 0] * (max(sizes) - len(mine)), sizes
+
+
+def _gather_shares(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's features in rank order (the shares of `rank_share`), without the padding."""
+    if len(sizes) == 1:
+        return local
+    from cliptrain.distributed import gather
+    parts = gather(local).split(local.shape[0])
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 @torch.no_grad()
 def encode_pairs(model: nn.Module, dataset: PairDataset, tokenizer: Callable, device: torch.device,
                  precision: str = "fp32", batch_size: int = 256, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised float32 image and text features of every pair, in dataset order, on CPU."""
-    loader = make_loader(dataset, tokenizer, batch_size, EpochSampler(len(dataset), shuffle=False), workers)
+    """L2-normalised float32 image and text features of every pair, in dataset order, on CPU.
+
+    Under torch.distributed every rank encodes its share (see `rank_share`) and the features are
+    gathered, so each rank returns the features of the whole set.
+    """
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    mine, sizes = rank_share(len(dataset), dist.get_rank() if world > 1 else 0, world)
+    loader = make_loader(dataset, tokenizer, batch_size, [(0, i) for i in mine], workers)
     images, texts = [], []
     for batch in loader:
         batch = batch.to(device)
         with autocast(precision, device):
-            images.append(model.encode_image(batch.images).float().cpu())
-            texts.append(model.encode_text(batch.texts).float().cpu())
-    return torch.cat(images), torch.cat(texts)
+            images.append(model.encode_image(batch.images).float())
+            texts.append(model.encode_text(batch.texts).float())
+    return _gather_shares(torch.cat(images), sizes).cpu(), _gather_shares(torch.cat(texts), sizes).cpu()
 
 
 def contrastive_val_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float,
