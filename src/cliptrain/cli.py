@@ -95,7 +95,8 @@ def cmd_eval(argv: list[str]) -> int:
     if args.zeroshot or args.retrieval or args.linear_probe:
         results = _eval_datasets(args, model, tokenizer, cfg, device)
     elif args.linear_probe_test or args.classnames:
-        raise ConfigError("--linear-probe-test needs --linear-probe, and --classnames needs --zeroshot or --linear-probe")
+        raise ConfigError("--linear-probe-test needs --linear-probe, and --classnames needs --zeroshot or "
+                          "--linear-probe")
     else:
         results = _eval_validation(args, model, tokenizer, cfg, device)
     title = f"{cfg.model.name} checkpoint {Path(args.checkpoint).name}"

@@ -52,7 +52,8 @@ def _column(rows: list[dict], path: Path, wanted: str | None, candidates: Sequen
     option = f"--{what.split()[0]}-key"
     if wanted is not None:
         if wanted not in rows[0]:
-            raise ValueError(f"{path}: no column {wanted!r} for the {what}; columns are {columns} (choose with {option})")
+            raise ValueError(f"{path}: no column {wanted!r} for the {what}; columns are {columns} "
+                             f"(choose with {option})")
         return wanted
     for name in candidates:
         if name in rows[0]:

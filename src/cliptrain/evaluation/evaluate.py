@@ -104,7 +104,7 @@ def evaluate(model: nn.Module, evalset: EvalSet, tokenizer: Callable, device: to
         scale = float(model.logit_scale.detach().exp())
         results["val_loss"] = contrastive_val_loss(img, txt, scale)
     if retrieval:
-        results.update(retrieval_metrics(img, txt))
+        results.update(retrieval_metrics(img.to(device), txt.to(device)))  # on the GPU when there is one
     if zeroshot and evalset.labels is not None and evalset.class_names:
         with torch.no_grad(), autocast(precision, device):
             classifier = build_classifier(lambda t: model.encode_text(t).float(), tokenizer,

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from cliptrain.evaluation.retrieval import as_float_features
 from cliptrain.evaluation.zeroshot import logit_ranks, rank_metrics
 
-__all__ = ["DEFAULT_GRID", "LinearProbe", "fit_logistic_regression", "probe_loss", "probe_loss_and_grad", "split_indices",
-           "train_linear_probe"]
+__all__ = ["DEFAULT_GRID", "LinearProbe", "fit_logistic_regression", "probe_loss", "probe_loss_and_grad",
+           "split_indices", "train_linear_probe"]
 
 DEFAULT_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -60,7 +60,8 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     else:
         weight, bias = init[0].clone().double(), init[1].clone().double()
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, history_size=20,
-                            tolerance_grad=tolerance, tolerance_change=min(1e-12, tolerance ** 2), line_search_fn="strong_wolfe")
+                            tolerance_grad=tolerance, tolerance_change=min(1e-12, tolerance ** 2),
+                            line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         loss, weight.grad, bias.grad = probe_loss_and_grad(weight, bias, x, onehot, weight_decay)

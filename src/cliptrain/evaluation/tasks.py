@@ -81,8 +81,9 @@ def run_retrieval(ctx: EvalContext, data: RetrievalSet, ks: Sequence[int] = (1, 
     pairs = [(c, new_index[i]) for c, i in zip(data.captions, data.text_to_image) if i in new_index]
     txt = encode_texts(ctx, [c for c, _ in pairs])
     t2i = torch.tensor([i for _, i in pairs])
+    metrics = retrieval_metrics(img.to(ctx.device), txt.to(ctx.device), t2i, ks)  # on the GPU when there is one
     return {"retrieval_images": float(len(kept)), "retrieval_captions": float(len(pairs)),
-            "retrieval_skipped": float(len(data.images) - len(kept)), **retrieval_metrics(img, txt, t2i, ks)}
+            "retrieval_skipped": float(len(data.images) - len(kept)), **metrics}
 
 
 def run_linear_probe(ctx: EvalContext, train: LabelledImages, test: LabelledImages | None = None,

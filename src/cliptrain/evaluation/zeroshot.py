@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from cliptrain.evaluation.retrieval import as_float_features, check_chunk_size, validate_ks
 
-__all__ = ["build_classifier", "confusion_matrix", "logit_ranks", "predict", "predict_proba", "rank_metrics", "true_class_ranks", "zero_shot_metrics"]
+__all__ = ["build_classifier", "confusion_matrix", "logit_ranks", "predict", "predict_proba", "rank_metrics",
+           "true_class_ranks", "zero_shot_metrics"]
 
 Scoring = Literal["softmax", "sigmoid"]
 

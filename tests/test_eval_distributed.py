@@ -1,0 +1,71 @@
+"""Distributed evaluation: 2 gloo processes, each encoding its share, give the numbers of one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cliptrain.data import PairDataset
+from cliptrain.data.shapes import CLASS_NAMES, TEMPLATES, ShapesDataset
+from cliptrain.evaluation.evaluate import EvalSet, evaluate, rank_share
+from cliptrain.models import create_model
+from cliptrain.tokenizer import Tokenizer, train_bpe
+from cliptrain.transforms import image_transform
+
+from conftest import MICRO_ARCH
+
+N = 37  # odd: the two shares differ in size, and the 8-sample batches are padded
+
+
+def micro_model(tokenizer):
+    text = {**MICRO_ARCH["text"], "eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id}
+    return create_model("tiny", **{**MICRO_ARCH, "text": text})
+
+
+def evalset_and_model(folder):
+    """The model, tokenizer and validation set saved in `folder` by the test (loaded by every process)."""
+    folder = Path(folder)
+    tokenizer = Tokenizer.load(folder / "tokenizer.json")
+    model = micro_model(tokenizer)
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    val = ShapesDataset("val", N, 32, seed=3)
+    data = PairDataset(val, image_transform(32, False), seed=0)
+    return model.eval(), tokenizer, EvalSet(data, val.labels, CLASS_NAMES, TEMPLATES)
+
+
+def test_rank_shares_cover_every_index_once_with_equal_lengths():
+    for n, world in ((37, 2), (5, 3), (2, 4), (8, 1)):
+        shares = [rank_share(n, r, world) for r in range(world)]
+        sizes = shares[0][1]
+        assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+        assert len({len(mine) for mine, _ in shares}) == 1  # same batches on every rank
+        assert [i for (mine, _), size in zip(shares, sizes) for i in mine[:size]] == list(range(n))
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    torch.manual_seed(0)
+    val = ShapesDataset("val", N, 32, seed=3)
+    train_bpe([val.caption(i) for i in range(N)], vocab_size=300, context_length=16).save(tmp_path / "tokenizer.json")
+    tokenizer = Tokenizer.load(tmp_path / "tokenizer.json")
+    model = micro_model(tokenizer)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tests = Path(__file__).parent
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), str(tests / "dist_eval_worker.py"), str(tmp_path), str(tmp_path / "two.json")],
+                         capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    model, tokenizer, evalset = evalset_and_model(tmp_path)
+    one = evaluate(model, evalset, tokenizer, torch.device("cpu"), batch_size=8)
+    assert one["samples"] == two["samples"] == N
+    assert two.keys() == one.keys()
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
