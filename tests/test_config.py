@@ -59,3 +59,9 @@ def test_parse_overrides_nesting():
 def test_const_cooldown_needs_cooldown_steps():
     with pytest.raises(ConfigError, match="optim.schedule const-cooldown needs optim.cooldown_steps > 0"):
         load_config(None, ["--optim.schedule", "const-cooldown"])
+
+
+def test_sharded_checkpoints_need_fsdp():
+    with pytest.raises(ConfigError, match="dist.checkpoint sharded needs dist.strategy fsdp"):
+        load_config(None, ["--dist.checkpoint", "sharded"])
+    assert load_config(None, ["--dist.checkpoint", "sharded", "--dist.strategy", "fsdp"]).dist.checkpoint == "sharded"

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from cliptrain.training import checkpoint as ckpt
@@ -154,3 +155,29 @@ def test_rank_split_covers_each_global_batch_once():
     assert all(len(p) == len(one) // 4 for p in parts)
     for b in range(len(one) // 16):  # global batch b = the ranks' slices in rank order
         assert sum((p[4 * b:4 * b + 4] for p in parts), []) == one[16 * b:16 * b + 16]
+
+
+def load_weights(checkpoint):
+    """Weights of any checkpoint format, through the loader users call."""
+    from cliptrain.models import CLIP
+    from cliptrain.models.config import CLIPConfig
+    from cliptrain.config import from_dict
+    arch = yaml.safe_load((checkpoint / "config.yaml").read_text())["model"]["arch"]
+    model = CLIP(from_dict(CLIPConfig, arch))
+    ckpt.load_model_weights(model, checkpoint)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_sharded_fsdp_checkpoints_resume_on_other_process_counts(tmp_path, reference):
+    config = write_config(tmp_path, "s", dist={"strategy": "fsdp", "checkpoint": "sharded"})
+    run(config, 2)
+    step3, step6 = ckpt.checkpoint_dir(tmp_path / "s", 3), ckpt.checkpoint_dir(tmp_path / "s", 6)
+    assert (step6 / "sharded" / ".metadata").is_file() and not (step6 / "model.safetensors").exists()
+    assert ckpt.verify_checkpoint(step6) == []
+    assert_close(load_weights(step6), weights(reference))
+    # The sharded step-3 checkpoint continued by 1 process (which writes the full format)...
+    run(write_config(tmp_path, "one", train={"resume": str(step3)}), 1)
+    assert_close(weights(tmp_path / "one"), weights(reference))
+    # ...and by 2 processes again.
+    run(write_config(tmp_path, "two", train={"resume": str(step3)}, dist={"strategy": "fsdp", "checkpoint": "sharded"}), 2)
+    assert_close(load_weights(ckpt.checkpoint_dir(tmp_path / "two", 6)), weights(reference))

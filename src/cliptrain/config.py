@@ -334,9 +334,12 @@ class DistSection:
     strategy: Literal["ddp", "fsdp"] = "ddp"    # fsdp: FSDP2 (fully_shard) for large models
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPU, gloo on CPU
     timeout_s: float = 600.0            # a collective waiting longer than this fails (e.g. a dead rank)
+    checkpoint: Literal["full", "sharded"] = "full"  # fsdp: one gathered model.safetensors, or per-rank shards
 
     def __post_init__(self):
         _check(self.timeout_s > 0, f"dist.timeout_s must be > 0, got {self.timeout_s}")
+        _check(self.checkpoint == "full" or self.strategy == "fsdp",
+               "dist.checkpoint sharded needs dist.strategy fsdp (DDP replicas have nothing to shard)")
 
 
 @dataclass

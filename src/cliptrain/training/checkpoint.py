@@ -29,6 +29,19 @@ from cliptrain.config import flatten, to_dict
 
 MANIFEST = "manifest.json"
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.yaml", "tokenizer.json")
+SHARDED = "sharded"  # torch.distributed.checkpoint directory replacing model.safetensors + optimizer.pt
+SHARDED_FILES = ("state.json", "config.yaml", "tokenizer.json", f"{SHARDED}/.metadata")
+
+
+def required_files(directory: Path) -> tuple[str, ...]:
+    """The files a checkpoint directory of its format must hold (besides the manifest)."""
+    return SHARDED_FILES if (directory / SHARDED).is_dir() else CHECKPOINT_FILES
+
+
+def staging_dir(directory: str | Path) -> Path:
+    """The temporary directory a checkpoint is written into before its rename."""
+    final = Path(directory)
+    return final.parent / f".{final.name}.tmp"
 _PREFIX = "step_"
 
 
@@ -76,38 +89,44 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_files(tmp: Path, weights: dict, optimizer_state: dict | None, state: dict, config_yaml: str,
+def _write_files(tmp: Path, weights: dict | None, optimizer_state: dict | None, state: dict, config_yaml: str,
                  scaler_state: dict | None, tokenizer) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    if weights is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     if optimizer_state is not None:
         torch.save({"optimizer": optimizer_state, "scaler": scaler_state or {}}, tmp / "optimizer.pt")
+    elif scaler_state:
+        torch.save({"scaler": scaler_state}, tmp / "scaler.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer.json")
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
     (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-    for f in tmp.iterdir():
+    for f in [*paths, tmp / MANIFEST, *(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
         _fsync(f)
-    _fsync(tmp)
 
 
-def save_checkpoint(directory: str | Path, weights: dict[str, torch.Tensor], optimizer_state: dict | None,
+def save_checkpoint(directory: str | Path, weights: dict[str, torch.Tensor] | None, optimizer_state: dict | None,
                     state: dict, config_yaml: str, scaler_state: dict | None = None,
-                    tokenizer: Any | None = None) -> Path:
+                    tokenizer: Any | None = None, staged: bool = False) -> Path:
     """Write a checkpoint atomically to `directory` and return its path.
 
     `weights` are full tensors keyed by name; `optimizer_state` is keyed by parameter name
-    (see training/parallel.py), so any number of processes can resume it.
+    (see training/parallel.py), so any number of processes can resume it. With `staged`, the
+    staging directory already holds a sharded checkpoint (`sharded/`, written by every rank) and
+    `weights` / `optimizer_state` are None.
 
     On any failure (e.g. no space left) the partial temporary directory is removed and the error
     re-raised; existing checkpoints are never touched until the new one is whole.
     """
     final = Path(directory)
-    tmp = final.parent / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(final)
+    if not staged:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     try:
         _write_files(tmp, weights, optimizer_state, state, config_yaml, scaler_state, tokenizer)
     except BaseException:
@@ -128,7 +147,7 @@ def save_checkpoint(directory: str | Path, weights: dict[str, torch.Tensor], opt
 
 def is_complete(directory: Path) -> bool:
     """Whether `directory` has a manifest and every file a resumable checkpoint needs (cheap check)."""
-    return directory.is_dir() and all((directory / f).is_file() for f in (*CHECKPOINT_FILES, MANIFEST))
+    return directory.is_dir() and all((directory / f).is_file() for f in (*required_files(directory), MANIFEST))
 
 
 def verify_checkpoint(directory: str | Path) -> list[str]:
@@ -136,7 +155,7 @@ def verify_checkpoint(directory: str | Path) -> list[str]:
     directory = Path(directory)
     if not directory.is_dir():
         return [f"{directory} is not a directory"]
-    missing = [f for f in (*CHECKPOINT_FILES, MANIFEST) if not (directory / f).is_file()]
+    missing = [f for f in (*required_files(directory), MANIFEST) if not (directory / f).is_file()]
     if missing:
         return [f"missing {', '.join(missing)}"]
     try:
@@ -193,7 +212,7 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
     """Load `model.safetensors` into `model`; a checkpoint of another architecture is refused with the difference."""
     directory = Path(directory)
     path = directory / "model.safetensors"
-    if not path.is_file():
+    if not path.is_file() and not (directory / SHARDED).is_dir():
         raise FileNotFoundError(f"no model.safetensors in {directory}")
     target = unwrap(model)
     config = directory / "config.yaml"
@@ -204,7 +223,12 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
                 for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k)]
         if diff:
             raise ValueError(f"checkpoint {directory} is of another model configuration: {'; '.join(diff)}")
-    weights = load_file(str(path))
+    if not path.is_file():  # a sharded checkpoint, read into this single process
+        import torch.distributed.checkpoint as dcp
+        weights = {k: torch.empty_like(v) for k, v in target.state_dict().items()}
+        dcp.load({"model": weights}, checkpoint_id=str(directory / SHARDED))
+    else:
+        weights = load_file(str(path))
     own_shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     diff = [f"{k}: checkpoint {tuple(v.shape)}, model {own_shapes.get(k)}" for k, v in weights.items()
             if own_shapes.get(k) != tuple(v.shape)] + [f"{k}: missing in checkpoint" for k in own_shapes
@@ -220,7 +244,8 @@ def load_training_state(directory: str | Path) -> tuple[dict, dict]:
     optimizer.pt is read with weights_only=True, so a pickle that would run code is refused.
     """
     directory = Path(directory)
-    blob = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    name = "optimizer.pt" if (directory / "optimizer.pt").is_file() else "scaler.pt"
+    blob = torch.load(directory / name, map_location="cpu", weights_only=True) if (directory / name).is_file() else {}
     state = json.loads((directory / "state.json").read_text())
     set_rng_state(state["rng"])
     return blob, state

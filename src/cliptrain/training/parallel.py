@@ -105,3 +105,39 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
 def full_norm(norm: torch.Tensor) -> torch.Tensor:
     """A gradient norm as a plain tensor (FSDP returns a DTensor)."""
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+    """Every rank writes its FSDP shards of the weights and optimizer state (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    weights, optim = get_state_dict(unwrap(model), optimizer)
+    dcp.save({"model": weights, "optim": optim}, checkpoint_id=str(path))
+
+
+def _adamw_template(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A name-keyed AdamW state with the right shapes, for torch.distributed.checkpoint to fill in."""
+    state = {n: {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+             for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+    """Load a sharded checkpoint, resharding it to this run's processes (FSDP) or into one process."""
+    import torch.distributed.checkpoint as dcp
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        weights, optim = get_state_dict(unwrap(model), optimizer)
+        dcp.load({"model": weights, "optim": optim}, checkpoint_id=str(path))
+        set_state_dict(unwrap(model), optimizer, model_state_dict=weights, optim_state_dict=optim)
+        return
+    if not isinstance(optimizer, torch.optim.AdamW):
+        raise TypeError("loading a sharded checkpoint without FSDP supports AdamW only")
+    weights = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+    optim = _adamw_template(model, optimizer)
+    dcp.load({"model": weights, "optim": optim}, checkpoint_id=str(path))
+    unwrap(model).load_state_dict(weights)
+    load_optimizer_state_dict(model, optimizer, optim)

@@ -132,7 +132,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     else:
         tokenizer = build_tokenizer(cfg, lambda: source_captions(train_src), model_cfg)
     model = create_model(model_cfg, text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
-    if resume is not None:
+    if resume is not None and not (resume / ckpt.SHARDED).is_dir():  # sharded: loaded after wrapping
         ckpt.load_model_weights(model, resume)
     torch.manual_seed(cfg.train.seed + 1_000_003 * world.rank)  # step-time randomness differs per rank
     a = cfg.augment

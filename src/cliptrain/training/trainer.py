@@ -2,6 +2,7 @@
 evaluation on a schedule, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
 from cliptrain.training.optim import build_optimizer, lr_at, set_lr
 from cliptrain.training.precision import grad_scaler, resolve_precision
-from cliptrain.training.parallel import (full_norm, load_optimizer_state_dict, model_state_dict, no_sync,
-                                         optimizer_state_dict, wrap_model)
+from cliptrain.training.parallel import (full_norm, is_fsdp, load_optimizer_state_dict, load_sharded,
+                                         model_state_dict, no_sync, optimizer_state_dict, save_sharded, wrap_model)
 from cliptrain.training.step import forward_backward
 
 
@@ -221,12 +222,23 @@ class Trainer:
         """Write a checkpoint for the current step and prune old ones; a failed write stops the run with
         a message naming the last good checkpoint."""
         path = ckpt.checkpoint_dir(self.run_dir, self.step)
-        weights = model_state_dict(self.model)                              # collectives under FSDP:
-        optimizer_state = optimizer_state_dict(self.model, self.optimizer)  # every rank takes part
+        sharded = self.cfg.dist.checkpoint == "sharded" and is_fsdp(self.model)
+        if sharded:  # every rank writes its shards into the staging directory
+            staging = ckpt.staging_dir(path)
+            if self.world.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            barrier()
+            save_sharded(self.model, self.optimizer, staging / ckpt.SHARDED)
+            barrier()
+            weights = optimizer_state = None
+        else:
+            weights = model_state_dict(self.model)                              # collectives under FSDP:
+            optimizer_state = optimizer_state_dict(self.model, self.optimizer)  # every rank takes part
         if self.world.is_main:
             try:
                 ckpt.save_checkpoint(path, weights, optimizer_state, self.state(), self.config_yaml(),
-                                     self.scaler.state_dict(), self.tokenizer)
+                                     self.scaler.state_dict(), self.tokenizer, staged=sharded)
             except OSError as exc:
                 good = ckpt.list_checkpoints(self.run_dir)
                 raise RuntimeError(f"writing the checkpoint of step {self.step} failed ({exc}); the last good "
@@ -240,7 +252,10 @@ class Trainer:
         """Continue from a checkpoint directory: optimizer, scaler, step and RNG (the weights are loaded into the
         model before it is wrapped, see training/setup.py)."""
         blob, state = ckpt.load_training_state(path)
-        load_optimizer_state_dict(self.model, self.optimizer, blob["optimizer"])
+        if (Path(path) / ckpt.SHARDED).is_dir():
+            load_sharded(self.model, self.optimizer, Path(path) / ckpt.SHARDED)
+        else:
+            load_optimizer_state_dict(self.model, self.optimizer, blob["optimizer"])
         if blob.get("scaler"):
             self.scaler.load_state_dict(blob["scaler"])
         saved, now = state["data_order"], self._data_order()
