@@ -29,7 +29,7 @@ def write_config(tmp_path, name, **sections):
     train = {"accum_steps": 2, "steps": STEPS, "log_every": 1, "save_every": 3, "keep_last": 5,
              "tensorboard": False, "threads": 1, **sections.pop("train", {})}
     return micro_yaml(tmp_path, name, train=train, data={"train_samples": 128, "val_samples": 32},
-                      eval={"zeroshot": False}, dist={"timeout_s": 30, **sections.pop("dist", {})})
+                      eval={"zeroshot": False}, dist={"timeout_s": 30, **sections.pop("dist", {})}, **sections)
 
 
 def run(config, nproc, *extra, timeout=240):
@@ -181,3 +181,15 @@ def test_sharded_fsdp_checkpoints_resume_on_other_process_counts(tmp_path, refer
     # ...and by 2 processes again.
     run(write_config(tmp_path, "two", train={"resume": str(step3)}, dist={"strategy": "fsdp", "checkpoint": "sharded"}), 2)
     assert_close(load_weights(ckpt.checkpoint_dir(tmp_path / "two", 6)), weights(reference))
+
+
+def test_sigmoid_loss_two_processes_equal_one(tmp_path):
+    from conftest import MICRO_ARCH
+    siglip = {"arch": {**MICRO_ARCH, "init_logit_scale": 2.302585092994046, "init_logit_bias": -10.0}}
+    run(write_config(tmp_path, "one", model=siglip), 1)
+    run(write_config(tmp_path, "two", model=siglip), 2)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert "logit_bias" in one and float(one["logit_bias"]) != -10.0  # the bias was trained
+    assert_close(two, one)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert "sigmoid" in rows[0] and "contrastive" not in rows[0]  # objective chosen from the model

@@ -42,3 +42,27 @@ def test_bf16_features_computed_in_float32():
     a = contrastive_loss(img.bfloat16(), txt.bfloat16(), torch.tensor(14.0))
     assert a.dtype == torch.float32
     assert abs(float(a) - float(contrastive_loss(img, txt, torch.tensor(14.0)))) < 0.05
+
+
+def plain_sigmoid(img, txt, scale, bias):
+    """SigLIP's loss with explicit loops: every pair is a binary problem."""
+    n = img.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            logit = scale * float(img[i] @ txt[j]) + bias
+            total += math.log(1 + math.exp(-z * logit))
+    return total / n
+
+
+def test_sigmoid_loss_equals_plain_formula():
+    from cliptrain.losses import SigmoidLoss, sigmoid_loss
+    g = torch.Generator().manual_seed(4)
+    img = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=-1)
+    got = sigmoid_loss(img.float(), txt.float(), torch.tensor(10.0), torch.tensor(-3.0))
+    assert abs(float(got) - plain_sigmoid(img, txt, 10.0, -3.0)) < 1e-5
+    import pytest
+    with pytest.raises(ValueError, match="the sigmoid loss needs a model with a logit bias"):
+        SigmoidLoss()(ModelOutput(img.float(), txt.float(), torch.tensor(10.0)))

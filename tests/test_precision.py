@@ -50,3 +50,12 @@ def test_compiled_model_is_unwrapped_for_saving_and_weight_decay(tmp_path):
     inner = ckpt.unwrap(trainer.model)
     assert id(inner.visual.positional_embedding) in no_decay and id(inner.text.positional_embedding) in no_decay
     assert trainer.optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_objective_follows_the_model(tmp_path):
+    from cliptrain.losses import ContrastiveLoss, SigmoidLoss
+    siglip = {"arch": {**MICRO_ARCH, "init_logit_bias": -10.0}}
+    assert isinstance(build_trainer(micro_config(tmp_path / "a", model=siglip)).objective, SigmoidLoss)
+    assert isinstance(build_trainer(micro_config(tmp_path / "b")).objective, ContrastiveLoss)
+    forced = build_trainer(micro_config(tmp_path / "c", model=siglip, train={"objective": "contrastive"}))
+    assert isinstance(forced.objective, ContrastiveLoss)

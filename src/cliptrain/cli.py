@@ -1,4 +1,4 @@
-"""The `cliptrain` command: train, eval, tokenizer."""
+"""The `cliptrain` command: train, eval, report, tokenizer, models."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from cliptrain.config import ConfigError, load_config
 USAGE = """cliptrain <command> [options]
 
 commands:
-  train [--config FILE.yaml] [--resume latest|DIR] [--section.key VALUE ...]
+  train [--config FILE.yaml] [--resume latest|auto|DIR] [--section.key VALUE ...]
         train a model (defaults: the tiny model on the built-in shapes data), evaluate it, print a table
   eval --checkpoint DIR [--output DIR] [--zeroshot DIR_OR_TABLE [--classnames F] [--templates F]]
        [--retrieval TABLE] [--linear-probe TRAIN [--linear-probe-test TEST]]
@@ -26,7 +26,8 @@ def cmd_train(argv: list[str]) -> int:
     """`cliptrain train`."""
     parser = argparse.ArgumentParser(prog="cliptrain train", add_help=True)
     parser.add_argument("--config", help="YAML run config")
-    parser.add_argument("--resume", help="'latest' or a checkpoint directory (same as --train.resume)")
+    parser.add_argument("--resume", help="latest, auto (latest if any, else start) or a checkpoint directory "
+                                         "(same as --train.resume)")
     args, rest = parser.parse_known_args(argv)
     if args.resume:
         rest += ["--train.resume", args.resume]

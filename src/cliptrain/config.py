@@ -295,6 +295,7 @@ class TrainSection:
     """The training loop: budget, batch, precision, run directory, checkpoints, logging."""
     batch_size: int = 128               # global batch per optimizer step
     accum_steps: int = 1                # micro-batches per step; gradients equal one batch of batch_size
+    objective: Literal["auto", "contrastive", "sigmoid"] = "auto"  # auto: sigmoid if the model has a logit bias
     epochs: int | None = 3
     steps: int | None = None            # when set, overrides epochs
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

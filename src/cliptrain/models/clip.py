@@ -30,6 +30,8 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation)
         self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.activation)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = (nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
+                           if cfg.init_logit_bias is not None else None)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[B, 3, H, W] -> [B, embed_dim] image features (L2-normalised by default)."""
@@ -43,11 +45,11 @@ class CLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> ModelOutput:
         """Encode both modalities."""
-        return ModelOutput(self.encode_image(images), self.encode_text(texts), self.logit_scale.exp())
+        return ModelOutput(self.encode_image(images), self.encode_text(texts), self.logit_scale.exp(), self.logit_bias)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay besides biases and norms."""
-        names = {"logit_scale"}
+        names = {"logit_scale", "logit_bias"}
         names |= {f"visual.{n}" for n in VisionTransformer.no_weight_decay}
         names |= {f"text.{n}" for n in TextTransformer.no_weight_decay}
         return names

@@ -58,3 +58,4 @@ class CLIPConfig:
     activation: Literal["gelu", "quick_gelu"] = "gelu"
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
+    init_logit_bias: float | None = None  # set (SigLIP: -10) to give the model a learnable logit bias

@@ -38,7 +38,10 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.model = wrap_model(model, self.world, cfg.dist.strategy, self.precision, cfg.train.compile)
         self.no_sync = no_sync(self.model)
-        self.objective = build_objective("contrastive")
+        objective = cfg.train.objective
+        if objective == "auto":  # a model with a logit bias is a SigLIP model
+            objective = "sigmoid" if getattr(model, "logit_bias", None) is not None else "contrastive"
+        self.objective = build_objective(objective)
         self.optimizer = build_optimizer(model, cfg.optim)  # the unwrapped model: its parameter names
         self.scaler = grad_scaler(self.precision, self.device)
         self.steps_per_epoch = len(train_data) // cfg.train.batch_size
