@@ -193,3 +193,25 @@ def test_sigmoid_loss_two_processes_equal_one(tmp_path):
     assert_close(two, one)
     rows = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert "sigmoid" in rows[0] and "contrastive" not in rows[0]  # objective chosen from the model
+
+
+def test_an_error_on_one_rank_stops_the_other_with_its_message(tmp_path):
+    # Rank 1 gets a config whose training table does not exist; rank 0 a valid one.
+    good = write_config(tmp_path, "err", dist={"timeout_s": 20})
+    bad = tmp_path / "bad.yaml"
+    cfg = yaml.safe_load(good.read_text())
+    cfg["data"].update({"source": "table", "train_path": str(tmp_path / "missing.csv")})
+    bad.write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    procs = []
+    for rank, config in enumerate((good, bad)):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "cliptrain.cli", "train", "--config", str(config)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    start = time.time()
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+    assert time.time() - start < 20 + 30
+    assert all(p.returncode not in (0, None) for p in procs)
+    assert f"error: table not found: {tmp_path / 'missing.csv'}" in outs[1]
+    assert f"error: stopping because rank 1: FileNotFoundError: table not found: {tmp_path / 'missing.csv'}" in outs[0], outs[0]

@@ -42,8 +42,8 @@ def cmd_train(argv: list[str]) -> int:
         results = trainer.fit()
     except BaseException as exc:
         report_failure(world, exc)
-        peer = peer_failure(world) if world.distributed else None
-        if peer and not peer.startswith(f"rank {world.rank}:"):
+        peer = peer_failure(world)
+        if peer:
             raise RuntimeError(f"stopping because {peer}") from exc
         raise
     finally:

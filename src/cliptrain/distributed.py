@@ -133,7 +133,8 @@ def broadcast_object(obj):
     return box[0]
 
 
-_ERROR_KEY = "cliptrain/error"
+def _error_key(rank: int) -> str:
+    return f"cliptrain/error/{rank}"
 
 
 def report_failure(world: World, exc: BaseException) -> None:
@@ -142,19 +143,20 @@ def report_failure(world: World, exc: BaseException) -> None:
         return
     try:
         store = dist.distributed_c10d._get_default_store()
-        store.set(_ERROR_KEY, f"rank {world.rank}: {type(exc).__name__}: {exc}")
+        store.set(_error_key(world.rank), f"rank {world.rank}: {type(exc).__name__}: {exc}")
     except Exception:  # noqa: BLE001 - best effort while failing
         pass
 
 
 def peer_failure(world: World) -> str | None:
-    """Another rank's published error, if any (used when a collective here failed)."""
+    """The error another rank published, if any (asked when a collective here failed)."""
     if not (world.distributed and dist.is_initialized()):
         return None
     try:
         store = dist.distributed_c10d._get_default_store()
-        if store.check([_ERROR_KEY]):
-            return store.get(_ERROR_KEY).decode()
+        for rank in range(world.world_size):
+            if rank != world.rank and store.check([_error_key(rank)]):
+                return store.get(_error_key(rank)).decode()
     except Exception:  # noqa: BLE001
         return None
     return None

@@ -32,7 +32,7 @@ def wrap_model(model: nn.Module, world: World, strategy: str, precision: str, co
     elif world.distributed:
         from torch.nn.parallel import DistributedDataParallel
         ids = [world.device.index] if world.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        model = DistributedDataParallel(model, device_ids=ids)
     return torch.compile(model) if compile else model
 
 
