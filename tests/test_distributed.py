@@ -183,16 +183,20 @@ def test_sharded_fsdp_checkpoints_resume_on_other_process_counts(tmp_path, refer
     assert_close(load_weights(ckpt.checkpoint_dir(tmp_path / "two", 6)), weights(reference))
 
 
-def test_sigmoid_loss_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])  # 1: texts travel around the ring; 2: the exact-accumulation path
+def test_sigmoid_loss_two_processes_equal_one(tmp_path, accum):
     from conftest import MICRO_ARCH
     siglip = {"arch": {**MICRO_ARCH, "init_logit_scale": 2.302585092994046, "init_logit_bias": -10.0}}
-    run(write_config(tmp_path, "one", model=siglip), 1)
-    run(write_config(tmp_path, "two", model=siglip), 2)
+    run(write_config(tmp_path, "one", model=siglip, train={"accum_steps": accum}), 1)
+    run(write_config(tmp_path, "two", model=siglip, train={"accum_steps": accum}), 2)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert "logit_bias" in one and float(one["logit_bias"]) != -10.0  # the bias was trained
     assert_close(two, one)
     rows = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert "sigmoid" in rows[0] and "contrastive" not in rows[0]  # objective chosen from the model
+    ref = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    for a, b in zip([r for r in rows if r["kind"] == "train"], [r for r in ref if r["kind"] == "train"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)  # the logged loss is the global one
 
 
 def test_an_error_on_one_rank_stops_the_other_with_its_message(tmp_path):

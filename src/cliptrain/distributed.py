@@ -108,6 +108,34 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
+class _NeighbourExchange(torch.autograd.Function):
+    """Send `tensor` to rank `to`, receive the same-shaped tensor from rank `source`; the backward pass
+    sends the gradient back the other way, so it reaches the rank that owns the features."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, to: int, source: int) -> torch.Tensor:
+        ctx.to, ctx.source = to, source
+        return _exchange(tensor, to, source)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _exchange(grad, ctx.source, ctx.to), None, None
+
+
+def _exchange(tensor: torch.Tensor, to: int, source: int) -> torch.Tensor:
+    received = torch.empty_like(tensor)
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), to), dist.P2POp(dist.irecv, received, source)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+def pass_to_next_rank(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Ring step: send `tensor` to rank+1 and return what rank-1 sent (differentiable)."""
+    return _NeighbourExchange.apply(tensor, (world.rank + 1) % world.world_size,
+                                    (world.rank - 1) % world.world_size)
+
+
 @torch.no_grad()
 def gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every rank in rank order (rows), without gradients."""
@@ -116,6 +144,16 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+@torch.no_grad()
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The average of `tensor` over ranks (itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
 
 
 def barrier() -> None:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cliptrain.distributed import World, gather, gather_with_grad
+from cliptrain.distributed import World, gather, gather_with_grad, mean_over_ranks
 from cliptrain.models.clip import ModelOutput
 from cliptrain.training.precision import autocast
 
@@ -49,6 +49,11 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     if accum_steps == 1:
         with autocast(precision, images.device):
             output = model(images, texts)
+        if world.distributed and hasattr(objective, "forward_local"):  # the objective exchanges features itself
+            losses = objective.forward_local(output, world)
+            total = sum(losses.values())
+            scale(total).backward()
+            return {k: mean_over_ranks(v.detach()) for k, v in {**losses, "loss": total}.items()}
         if world.distributed:
             output = dataclasses.replace(output, **{n: gather_with_grad(getattr(output, n)) for n in PER_SAMPLE_FIELDS})
         total, logged = _total(objective, output)
