@@ -33,25 +33,28 @@ def _peak_bytes(device: torch.device) -> int:
 def _case(loss: str, b: int, d: int, tile: int, device_name: str, queue: mp.Queue) -> None:
     """Child process: one forward + backward, reporting (peak bytes above baseline, seconds)."""
     device = torch.device(device_name)
-    if device.type == "cuda":
-        torch.cuda.init()
+    _forward_backward(loss, min(b, 512), d, tile, device)  # warm kernels and thread pools before the baseline
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else _peak_bytes(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    seconds = _forward_backward(loss, b, d, tile, device)
+    queue.put((_peak_bytes(device) - baseline, seconds))
+
+
+def _forward_backward(loss: str, b: int, d: int, tile: int, device: torch.device) -> float:
+    """Seconds for one forward + backward of `loss` on fresh random features (created outside the timing)."""
     g = torch.Generator(device=device).manual_seed(0)
     img = F.normalize(torch.randn(b, d, device=device, generator=g), dim=-1).requires_grad_()
     txt = F.normalize(torch.randn(b, d, device=device, generator=g), dim=-1).requires_grad_()
     scale = torch.tensor(100.0, device=device, requires_grad=True)
-    fn = (lambda: tiled_contrastive_loss(img, txt, scale, tile=tile)) if loss == "tiled" else \
-        (lambda: contrastive_loss(img, txt, scale))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn().backward()
+    out = tiled_contrastive_loss(img, txt, scale, tile=tile) if loss == "tiled" else contrastive_loss(img, txt, scale)
+    out.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    queue.put((_peak_bytes(device) - baseline, seconds))
+    return time.perf_counter() - start
 
 
 def run_case(loss: str, b: int, d: int, tile: int, device: str) -> tuple[int, float]:

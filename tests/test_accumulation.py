@@ -55,3 +55,37 @@ def test_every_parameter_gradient_matches_one_big_batch(k, objective):
     assert ref["logit_scale"].abs() > 1e-3  # the scale's gradient is non-trivial, so the check means something
     if objective == "sigmoid":
         assert ref["logit_bias"].abs() > 1e-3
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_patch_dropout_and_checkpointing_keep_accumulation_exact(k):
+    """Micro-batches are re-encoded with the random patch subsets of their first pass, so k micro-batches
+    still give the one-batch gradient; activation checkpointing changes no gradient."""
+    arch = {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], "patch_dropout": 0.5}}
+    images, texts = batch()
+
+    def grads(accum, checkpointing):
+        torch.manual_seed(0)
+        model = create_model("tiny", **arch)
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(123)
+        forward_backward(model, build_objective("contrastive"), images, texts, accum_steps=accum)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, torch.get_rng_state()
+
+    ref, ref_rng = grads(1, False)
+    for got, rng in (grads(k, False), grads(k, True), grads(1, True)):
+        assert torch.equal(rng, ref_rng)  # the RNG stream after the step does not depend on k
+        for name in ref:
+            err = float((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12))
+            assert err < 1e-5, f"{name}: {err:.2e}"
+
+
+def test_patch_dropout_keeps_the_requested_fraction_in_training_only():
+    model = create_model("tiny", **{**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], "patch_dropout": 0.75}})
+    x = torch.randn(2, 17, 32)  # class token + 16 patches
+    assert model.visual._drop_patches(x).shape == (2, 1 + 4, 32)
+    assert torch.equal(model.visual._drop_patches(x)[:, 0], x[:, 0])  # the class token always stays
+    model.eval()
+    with torch.no_grad():
+        a = model.encode_image(torch.randn(2, 3, 32, 32))
+    assert a.shape == (2, 32)

@@ -310,6 +310,7 @@ class TrainSection:
     nonfinite_limit: int = 10           # stop after this many consecutive steps with a non-finite loss or gradient
     threads: int | None = None          # torch intra-op threads (default: torch's choice)
     compile: bool = False               # wrap the model in torch.compile
+    grad_checkpointing: bool = False    # recompute block activations in backward to save memory
     progress: bool = True
     tensorboard: bool = True
     wandb: Literal["off", "online", "offline"] = "off"

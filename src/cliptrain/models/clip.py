@@ -47,6 +47,11 @@ class CLIP(nn.Module):
         """Encode both modalities."""
         return ModelOutput(self.encode_image(images), self.encode_text(texts), self.logit_scale.exp(), self.logit_bias)
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each transformer block's activations in backward (less memory, about 1/3 more compute)."""
+        self.visual.transformer.grad_checkpointing = enabled
+        self.text.transformer.grad_checkpointing = enabled
+
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay besides biases and norms."""
         names = {"logit_scale", "logit_bias"}

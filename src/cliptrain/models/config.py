@@ -17,8 +17,11 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+    patch_dropout: float = 0.0           # FLIP: fraction of patch tokens dropped at random while training
 
     def __post_init__(self):
+        if not 0 <= self.patch_dropout < 1:
+            raise ConfigError(f"vision.patch_dropout must be in [0, 1), got {self.patch_dropout}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision.image_size ({self.image_size}) must be a multiple of "
                               f"vision.patch_size ({self.patch_size})")

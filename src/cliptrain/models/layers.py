@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 
 class QuickGELU(nn.Module):
@@ -79,10 +80,15 @@ class Transformer(nn.Module):
         super().__init__()
         self.width = width
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, activation) for _ in range(layers))
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, is_causal=is_causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Activations of the block are recomputed in backward instead of being stored.
+                x = checkpoint(block, x, is_causal, use_reentrant=False)
+            else:
+                x = block(x, is_causal=is_causal)
         return x
 
     def init_weights(self) -> None:

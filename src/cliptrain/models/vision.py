@@ -34,10 +34,20 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.proj, std=w ** -0.5)
         self.transformer.init_weights()
 
+    def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep the class token and a random subset of patch tokens per image (global torch RNG)."""
+        b, n = x.shape[0], x.shape[1] - 1
+        keep = max(1, int(n * (1 - self.cfg.patch_dropout)))
+        idx = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep] + 1
+        patches = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        return torch.cat([x[:, :1], patches], dim=1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images -> [B, embed_dim] unnormalised features."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)          # B, N, W
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        if self.training and self.cfg.patch_dropout > 0:
+            x = self._drop_patches(x)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj

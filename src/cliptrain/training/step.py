@@ -60,8 +60,13 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
         scale(total).backward()
         return logged
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
+    rng = []  # each micro-batch is re-encoded with the random draws (e.g. patch dropout) of its first pass
     with torch.no_grad(), autocast(precision, images.device):
-        outs = [model(i, t) for i, t in chunks]
+        outs = []
+        for i, t in chunks:
+            rng.append(_rng_state(images.device))
+            outs.append(model(i, t))
+    after = _rng_state(images.device)
     joined = _join(outs, world)
     total, logged = _total(objective, ModelOutput(**joined))
     names = [n for n, v in joined.items() if v is not None]
@@ -74,6 +79,7 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     shared = [n for n in names if n not in PER_SAMPLE_FIELDS and grads[n] is not None]
     for j, (i, t) in enumerate(chunks):
         last = j == len(chunks) - 1
+        _set_rng_state(rng[j], images.device)
         with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
             with autocast(precision, images.device):
                 out = model(i, t)
@@ -81,7 +87,18 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
             if last:
                 terms += [(getattr(out, n).float() * grads[n]).sum() for n in shared]
             torch.stack(terms).sum().backward()
+    _set_rng_state(after, images.device)
     return logged
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _join(outs: list[ModelOutput], world: World) -> dict[str, torch.Tensor | None]:

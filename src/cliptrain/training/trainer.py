@@ -35,6 +35,7 @@ class Trainer:
         self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = self.world.device
         model = model.to(self.device)
+        model.set_grad_checkpointing(cfg.train.grad_checkpointing)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.model = wrap_model(model, self.world, cfg.dist.strategy, self.precision, cfg.train.compile)
         self.no_sync = no_sync(self.model)
