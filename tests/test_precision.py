@@ -59,3 +59,18 @@ def test_objective_follows_the_model(tmp_path):
     assert isinstance(build_trainer(micro_config(tmp_path / "b")).objective, ContrastiveLoss)
     forced = build_trainer(micro_config(tmp_path / "c", model=siglip, train={"objective": "contrastive"}))
     assert isinstance(forced.objective, ContrastiveLoss)
+
+
+def test_locked_image_tower_stays_fixed_while_the_rest_trains(tmp_path):
+    from safetensors.torch import load_file
+    trainer = build_trainer(micro_config(tmp_path, train={"steps": 3, "lock_image": True, "lock_image_unlocked": 1}))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    after = load_file(str(ckpt.list_checkpoints(trainer.run_dir)[-1] / "model.safetensors"))
+    frozen = [k for k in before if k.startswith("visual.") and not k.startswith(("visual.transformer.blocks.1.",
+                                                                                   "visual.ln_post", "visual.proj"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    for k in ("visual.transformer.blocks.1.mlp.fc1.weight", "visual.proj", "text.text_projection", "logit_scale"):
+        assert not torch.equal(before[k], after[k]), k
+    with pytest.raises(ValueError, match=r"unlocked layers must be in \[0, 2\], got 3"):
+        create_model("tiny", **MICRO_ARCH).lock_text_tower(3)

@@ -311,6 +311,10 @@ class TrainSection:
     threads: int | None = None          # torch intra-op threads (default: torch's choice)
     compile: bool = False               # wrap the model in torch.compile
     grad_checkpointing: bool = False    # recompute block activations in backward to save memory
+    lock_image: bool = False            # LiT: freeze the image tower (e.g. a pretrained one)...
+    lock_image_unlocked: int = 0        # ...except its last N blocks, final norm and projection
+    lock_text: bool = False             # freeze the text tower...
+    lock_text_unlocked: int = 0         # ...except its last N blocks, final norm and projection
     progress: bool = True
     tensorboard: bool = True
     wandb: Literal["off", "online", "offline"] = "off"

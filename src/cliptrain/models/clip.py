@@ -47,6 +47,16 @@ class CLIP(nn.Module):
         """Encode both modalities."""
         return ModelOutput(self.encode_image(images), self.encode_text(texts), self.logit_scale.exp(), self.logit_bias)
 
+    def lock_image_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the image tower (LiT), leaving its last `unlocked_layers` blocks, final norm and projection
+        trainable when `unlocked_layers` > 0."""
+        _lock(self.visual, self.visual.transformer.blocks, (self.visual.ln_post, self.visual.proj), unlocked_layers)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower, leaving its last `unlocked_layers` blocks, final norm and projection trainable
+        when `unlocked_layers` > 0."""
+        _lock(self.text, self.text.transformer.blocks, (self.text.ln_final, self.text.text_projection), unlocked_layers)
+
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each transformer block's activations in backward (less memory, about 1/3 more compute)."""
         self.visual.transformer.grad_checkpointing = enabled
@@ -63,3 +73,12 @@ class CLIP(nn.Module):
     def clamp_logit_scale(self) -> None:
         """Keep the log temperature within [0, max_logit_scale] (called after each optimizer step)."""
         self.logit_scale.clamp_(0, self.cfg.max_logit_scale)
+
+
+def _lock(tower: nn.Module, blocks: nn.ModuleList, head: tuple, unlocked_layers: int) -> None:
+    if not 0 <= unlocked_layers <= len(blocks):
+        raise ValueError(f"unlocked layers must be in [0, {len(blocks)}], got {unlocked_layers}")
+    tower.requires_grad_(False)
+    if unlocked_layers:
+        for module in (*blocks[len(blocks) - unlocked_layers:], *head):
+            module.requires_grad_(True)

@@ -36,6 +36,10 @@ class Trainer:
         self.device = self.world.device
         model = model.to(self.device)
         model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+        if cfg.train.lock_image:
+            model.lock_image_tower(cfg.train.lock_image_unlocked)
+        if cfg.train.lock_text:
+            model.lock_text_tower(cfg.train.lock_text_unlocked)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.model = wrap_model(model, self.world, cfg.dist.strategy, self.precision, cfg.train.compile)
         self.no_sync = no_sync(self.model)
