@@ -89,3 +89,25 @@ def test_patch_dropout_keeps_the_requested_fraction_in_training_only():
     with torch.no_grad():
         a = model.encode_image(torch.randn(2, 3, 32, 32))
     assert a.shape == (2, 32)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_distillation_keeps_accumulation_exact(k):
+    from cliptrain.losses import DistillLoss
+    images, texts = batch()
+    torch.manual_seed(7)
+    teacher = create_model("tiny", **MICRO_ARCH).requires_grad_(False)
+
+    def grads(accum):
+        torch.manual_seed(0)
+        model = create_model("tiny", **MICRO_ARCH)
+        losses = forward_backward(model, DistillLoss(build_objective("contrastive"), 0.5), images, texts,
+                                  accum_steps=accum, teacher=teacher)
+        return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (ref_losses, ref), (losses, got) = grads(1), grads(k)
+    assert float(ref_losses["distill"]) > 0 and abs(float(losses["distill"]) - float(ref_losses["distill"])) < 1e-6
+    for name in ref:
+        err = float((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12))
+        assert err < 1e-5, f"{name}: {err:.2e}"
+    assert all(p.grad is None for p in teacher.parameters())

@@ -66,3 +66,31 @@ def test_sigmoid_loss_equals_plain_formula():
     import pytest
     with pytest.raises(ValueError, match="the sigmoid loss needs a model with a logit bias"):
         SigmoidLoss()(ModelOutput(img.float(), txt.float(), torch.tensor(10.0)))
+
+
+def test_distillation_loss_equals_plain_kl():
+    from cliptrain.losses import distillation_loss
+    g = torch.Generator().manual_seed(5)
+    feats = [torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=-1) for _ in range(4)]
+    img, txt, t_img, t_txt = feats
+
+    def probs(logits):
+        out = []
+        for row in logits:
+            z = sum(math.exp(v) for v in row)
+            out.append([math.exp(v) / z for v in row])
+        return out
+
+    s = [[8.0 * float(img[i] @ txt[j]) for j in range(5)] for i in range(5)]
+    t = [[12.0 * float(t_img[i] @ t_txt[j]) for j in range(5)] for i in range(5)]
+    transpose = lambda m: [list(r) for r in zip(*m)]  # noqa: E731
+
+    def kl(t, s):
+        pt, ps = probs(t), probs(s)
+        return sum(sum(a * math.log(a / b) for a, b in zip(rt, rs)) for rt, rs in zip(pt, ps)) / len(pt)
+
+    expected = (kl(t, s) + kl(transpose(t), transpose(s))) / 2
+    got = distillation_loss(img.float(), txt.float(), torch.tensor(8.0), t_img.float(), t_txt.float(), torch.tensor(12.0))
+    assert abs(float(got) - expected) < 1e-5
+    same = distillation_loss(img.float(), txt.float(), torch.tensor(8.0), img.float(), txt.float(), torch.tensor(8.0))
+    assert abs(float(same)) < 1e-6  # a student equal to its teacher has nothing to learn

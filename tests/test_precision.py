@@ -74,3 +74,21 @@ def test_locked_image_tower_stays_fixed_while_the_rest_trains(tmp_path):
         assert not torch.equal(before[k], after[k]), k
     with pytest.raises(ValueError, match=r"unlocked layers must be in \[0, 2\], got 3"):
         create_model("tiny", **MICRO_ARCH).lock_text_tower(3)
+
+
+def test_distillation_from_a_teacher_checkpoint(tmp_path):
+    import json as _json
+    teacher_run = build_trainer(micro_config(tmp_path / "t", train={"steps": 2}))
+    teacher_run.fit()
+    teacher_ckpt = ckpt.list_checkpoints(teacher_run.run_dir)[-1]
+    student = build_trainer(micro_config(tmp_path / "s", train={"steps": 2, "log_every": 1},
+                                         distill={"teacher": str(teacher_ckpt), "weight": 0.5}))
+    assert student.tokenizer.encode("a red circle") == teacher_run.tokenizer.encode("a red circle")
+    student.fit()
+    rows = [_json.loads(line) for line in (student.run_dir / "log.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all(r["distill"] > 0 and r["loss"] == pytest.approx(r["contrastive"] + r["distill"], rel=1e-6) for r in train)
+    bad = MICRO_ARCH["vision"] | {"image_size": 64}
+    with pytest.raises(ValueError, match="distillation needs the same inputs"):
+        build_trainer(micro_config(tmp_path / "x", model={"arch": {**MICRO_ARCH, "vision": bad}},
+                                   distill={"teacher": str(teacher_ckpt)}))

@@ -363,6 +363,16 @@ class EvalSection:
 
 
 @dataclass
+class DistillSection:
+    """Distillation from a trained teacher checkpoint (same image size and tokenizer as the student)."""
+    teacher: str | None = None          # checkpoint directory of the teacher; null: no distillation
+    weight: float = 1.0                 # weight of the KL term added to the objective
+
+    def __post_init__(self):
+        _check(self.weight >= 0, f"distill.weight must be >= 0, got {self.weight}")
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a training run."""
     model: ModelSection = field(default_factory=ModelSection)
@@ -373,6 +383,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     dist: DistSection = field(default_factory=DistSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping = ()) -> RunConfig:

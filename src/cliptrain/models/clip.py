@@ -14,11 +14,17 @@ from cliptrain.models.vision import VisionTransformer
 
 @dataclass
 class ModelOutput:
-    """What a forward pass returns: L2-normalised features and the (exponentiated) temperature."""
+    """What a forward pass returns: L2-normalised features and the (exponentiated) temperature.
+
+    The teacher_* fields are filled by the training step when distilling from a teacher model.
+    """
     image_features: torch.Tensor
     text_features: torch.Tensor
     logit_scale: torch.Tensor
     logit_bias: torch.Tensor | None = None
+    teacher_image_features: torch.Tensor | None = None
+    teacher_text_features: torch.Tensor | None = None
+    teacher_logit_scale: torch.Tensor | None = None
 
 
 class CLIP(nn.Module):

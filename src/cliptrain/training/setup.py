@@ -1,6 +1,7 @@
 """Assemble a run from its config: run directory, tokenizer, data, model, trainer."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -127,8 +128,12 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     model_cfg = _model_config(cfg, resume)
     size = model_cfg.vision.image_size
     train_src, val_src, zs = build_sources(cfg, size)
+    teacher = load_teacher(cfg.distill.teacher, model_cfg) if cfg.distill.teacher else None
     if resume is not None:
         tokenizer = Tokenizer.load(resume / "tokenizer.json")
+    elif teacher is not None and cfg.tokenizer.path is None:  # the student reads the teacher's tokens
+        teacher_tokens = dataclasses.replace(cfg.tokenizer, path=str(Path(cfg.distill.teacher) / "tokenizer.json"))
+        tokenizer = build_tokenizer(dataclasses.replace(cfg, tokenizer=teacher_tokens), list, model_cfg)
     else:
         tokenizer = build_tokenizer(cfg, lambda: source_captions(train_src), model_cfg)
     model = create_model(model_cfg, text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
@@ -142,10 +147,22 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         check_output_dir(run_dir, checkpoint_size(model))
         save_config(cfg, run_dir / "config.yaml")
         tokenizer.save(run_dir / "tokenizer.json")
-    trainer = Trainer(cfg, model, tokenizer, train_data, build_evalset(cfg, val_src, zs, size), run_dir, world)
+    trainer = Trainer(cfg, model, tokenizer, train_data, build_evalset(cfg, val_src, zs, size), run_dir, world,
+                      teacher)
     if resume is not None:
         trainer.resume(resume)
     return trainer
+
+
+def load_teacher(path: str, student: CLIPConfig) -> CLIP:
+    """The frozen teacher model of a checkpoint directory; it must read the student's inputs."""
+    teacher, _, _ = load_checkpoint(path)
+    t = teacher.cfg
+    if (t.vision.image_size, t.text.context_length) != (student.vision.image_size, student.text.context_length):
+        raise ValueError(f"teacher {path} takes {t.vision.image_size} px images and {t.text.context_length} tokens, "
+                         f"the student {student.vision.image_size} px and {student.text.context_length}; "
+                         f"distillation needs the same inputs")
+    return teacher.requires_grad_(False)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[CLIP, Tokenizer, RunConfig]:

@@ -13,7 +13,7 @@ from cliptrain.models.clip import ModelOutput
 from cliptrain.training.precision import autocast
 
 # ModelOutput fields holding one row per sample; the others (logit_scale, logit_bias) are shared.
-PER_SAMPLE_FIELDS = ("image_features", "text_features")
+PER_SAMPLE_FIELDS = ("image_features", "text_features", "teacher_image_features", "teacher_text_features")
 
 Objective = Callable[[ModelOutput], dict[str, torch.Tensor]]
 
@@ -26,8 +26,8 @@ def _total(objective: Objective, output: ModelOutput) -> tuple[torch.Tensor, dic
 
 def forward_backward(model: nn.Module, objective: Objective, images: torch.Tensor, texts: torch.Tensor,
                      accum_steps: int = 1, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
-                     world: World | None = None, no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
-                     ) -> dict[str, torch.Tensor]:
+                     world: World | None = None, no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Accumulate into `.grad` the gradient of the objective on the whole (global) batch; return detached losses.
 
     Across ranks, per-sample outputs of every rank are gathered, so every rank's loss sees the global
@@ -43,12 +43,14 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
          micro-batch (the one whose backward synchronises gradients across ranks).
     `no_sync` (DDP's `no_sync`) suppresses the gradient all-reduce of the first k-1 micro-batches.
     The model must be deterministic between the two encodings.
+    A frozen `teacher` model's outputs on the same inputs are added to the outputs as teacher_* fields
+    (constants: no gradient flows into the teacher).
     """
     world = world or World()
     scale = scaler.scale if scaler is not None else (lambda t: t)
     if accum_steps == 1:
         with autocast(precision, images.device):
-            output = model(images, texts)
+            output = _encode(model, teacher, images, texts)
         if world.distributed and hasattr(objective, "forward_local"):  # the objective exchanges features itself
             losses = objective.forward_local(output, world)
             total = sum(losses.values())
@@ -65,11 +67,11 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
         outs = []
         for i, t in chunks:
             rng.append(_rng_state(images.device))
-            outs.append(model(i, t))
+            outs.append(_encode(model, teacher, i, t))
     after = _rng_state(images.device)
     joined = _join(outs, world)
     total, logged = _total(objective, ModelOutput(**joined))
-    names = [n for n, v in joined.items() if v is not None]
+    names = [n for n, v in joined.items() if v is not None and v.requires_grad]
     grads = dict(zip(names, torch.autograd.grad(scale(total), [joined[n] for n in names], allow_unused=True)))
     local = images.shape[0]
     sizes = [len(i) for i, _ in chunks]
@@ -115,5 +117,16 @@ def _join(outs: list[ModelOutput], world: World) -> dict[str, torch.Tensor | Non
             value = gather(value) if world.distributed else value
         else:
             value = values[0]
-        joined[f.name] = value.detach().float().requires_grad_(True)
+        joined[f.name] = value.detach().float().requires_grad_(not f.name.startswith("teacher_"))
     return joined
+
+
+def _encode(model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, texts: torch.Tensor) -> ModelOutput:
+    """The model's outputs, with the teacher's (computed without gradients) when distilling."""
+    output = model(images, texts)
+    if teacher is None:
+        return output
+    with torch.no_grad():
+        t = teacher(images, texts)
+    return dataclasses.replace(output, teacher_image_features=t.image_features, teacher_text_features=t.text_features,
+                               teacher_logit_scale=t.logit_scale)

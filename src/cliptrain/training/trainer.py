@@ -14,7 +14,7 @@ from cliptrain.distributed import World, barrier
 from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader
 from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
 from cliptrain.logging import Meter, MetricSinks, truncate_log
-from cliptrain.losses import build_objective
+from cliptrain.losses import DistillLoss, build_objective
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
 from cliptrain.training.optim import build_optimizer, lr_at, set_lr
@@ -29,7 +29,8 @@ class Trainer:
     """Trains `model` on `train_data` as configured, evaluating on `evalset` and saving to `run_dir`."""
 
     def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer, train_data: PairDataset,
-                 evalset: EvalSet | None, run_dir: str | Path, world: World | None = None):
+                 evalset: EvalSet | None, run_dir: str | Path, world: World | None = None,
+                 teacher: nn.Module | None = None):
         self.cfg, self.tokenizer, self.train_data, self.evalset = cfg, tokenizer, train_data, evalset
         self.run_dir = Path(run_dir)
         self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -47,6 +48,9 @@ class Trainer:
         if objective == "auto":  # a model with a logit bias is a SigLIP model
             objective = "sigmoid" if getattr(model, "logit_bias", None) is not None else "contrastive"
         self.objective = build_objective(objective)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        if self.teacher is not None:
+            self.objective = DistillLoss(self.objective, cfg.distill.weight)
         self.optimizer = build_optimizer(model, cfg.optim)  # the unwrapped model: its parameter names
         self.scaler = grad_scaler(self.precision, self.device)
         self.steps_per_epoch = len(train_data) // cfg.train.batch_size
@@ -68,7 +72,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         batch = batch.to(self.device)
         losses = forward_backward(self.model, self.objective, batch.images, batch.texts, self.cfg.train.accum_steps,
-                                  self.precision, self.scaler, self.world, self.no_sync)
+                                  self.precision, self.scaler, self.world, self.no_sync, self.teacher)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else float("inf")
         losses["grad_norm"] = full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
