@@ -101,3 +101,21 @@ def test_rejects_bad_inputs():
         tiled_contrastive_loss(img, txt[:4], leaf(1.0))
     with pytest.raises(ValueError, match="tile"):
         tiled_sigmoid_loss(img, txt, leaf(1.0), leaf(0.0), tile=0)
+
+
+def test_training_with_the_tiled_loss_matches_the_plain_loss(tmp_path):
+    from safetensors.torch import load_file
+
+    from cliptrain.training import checkpoint as ckpt
+    from cliptrain.training.setup import build_trainer
+
+    from conftest import micro_config
+
+    finals = []
+    for name, tile in (("plain", None), ("tiled", 5)):
+        trainer = build_trainer(micro_config(tmp_path / name, train={"steps": 4, "accum_steps": 2, "loss_tile": tile}))
+        trainer.fit()
+        finals.append(load_file(str(ckpt.list_checkpoints(trainer.run_dir)[-1] / "model.safetensors")))
+    diff = torch.cat([(finals[0][k] - finals[1][k]).flatten().double() for k in finals[0]])
+    ref = torch.cat([finals[0][k].flatten().double() for k in finals[0]])
+    assert float(diff.norm() / ref.norm()) < 1e-5

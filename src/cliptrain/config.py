@@ -296,6 +296,7 @@ class TrainSection:
     batch_size: int = 128               # global batch per optimizer step
     accum_steps: int = 1                # micro-batches per step; gradients equal one batch of batch_size
     objective: Literal["auto", "contrastive", "sigmoid"] = "auto"  # auto: sigmoid if the model has a logit bias
+    loss_tile: int | None = None        # tiled exact loss that never holds the B x B logits (tile size, e.g. 1024)
     epochs: int | None = 3
     steps: int | None = None            # when set, overrides epochs
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -332,6 +333,7 @@ class TrainSection:
         _check(self.save_every >= 0 and self.keep_last >= 0 and self.keep_every >= 0,
                "train.save_every, train.keep_last and train.keep_every must be >= 0")
         _check(self.nonfinite_limit >= 1, f"train.nonfinite_limit must be >= 1, got {self.nonfinite_limit}")
+        _check(self.loss_tile is None or self.loss_tile >= 1, f"train.loss_tile must be >= 1, got {self.loss_tile}")
 
 
 @dataclass

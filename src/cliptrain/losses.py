@@ -20,9 +20,18 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 class ContrastiveLoss(nn.Module):
-    """CLIP's contrastive objective over the whole batch."""
+    """CLIP's contrastive objective over the whole batch; with `tile`, the memory-lean exact version that
+    never holds the B x B logits (cliptrain.tiled_loss)."""
+
+    def __init__(self, tile: int | None = None):
+        super().__init__()
+        self.tile = tile
 
     def forward(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        if self.tile:
+            from cliptrain.tiled_loss import tiled_contrastive_loss
+            return {"contrastive": tiled_contrastive_loss(output.image_features, output.text_features,
+                                                          output.logit_scale, self.tile)}
         return {"contrastive": contrastive_loss(output.image_features, output.text_features, output.logit_scale)}
 
 
@@ -55,6 +64,10 @@ class SigmoidLoss(nn.Module):
     exchanges: no rank ever holds the global batch of texts or a global logits matrix.
     """
 
+    def __init__(self, tile: int | None = None):
+        super().__init__()
+        self.tile = tile
+
     @staticmethod
     def _check(output: ModelOutput) -> None:
         if output.logit_bias is None:
@@ -63,6 +76,10 @@ class SigmoidLoss(nn.Module):
 
     def forward(self, output: ModelOutput) -> dict[str, torch.Tensor]:
         self._check(output)
+        if self.tile:
+            from cliptrain.tiled_loss import tiled_sigmoid_loss
+            return {"sigmoid": tiled_sigmoid_loss(output.image_features, output.text_features, output.logit_scale,
+                                                  output.logit_bias, self.tile)}
         return {"sigmoid": sigmoid_loss(output.image_features, output.text_features, output.logit_scale,
                                         output.logit_bias)}
 
@@ -115,8 +132,8 @@ class DistillLoss(nn.Module):
 OBJECTIVES = {"contrastive": ContrastiveLoss, "sigmoid": SigmoidLoss}
 
 
-def build_objective(name: str = "contrastive") -> nn.Module:
-    """The objective module for a config name."""
+def build_objective(name: str = "contrastive", tile: int | None = None) -> nn.Module:
+    """The objective module for a config name; `tile` selects the memory-lean tiled implementation."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; available: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]()
+    return OBJECTIVES[name](tile)

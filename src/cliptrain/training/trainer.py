@@ -47,7 +47,7 @@ class Trainer:
         objective = cfg.train.objective
         if objective == "auto":  # a model with a logit bias is a SigLIP model
             objective = "sigmoid" if getattr(model, "logit_bias", None) is not None else "contrastive"
-        self.objective = build_objective(objective)
+        self.objective = build_objective(objective, cfg.train.loss_tile)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         if self.teacher is not None:
             self.objective = DistillLoss(self.objective, cfg.distill.weight)
