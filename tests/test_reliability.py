@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -207,3 +208,13 @@ def test_bad_inputs_are_reported_before_any_work(tmp_path, capsys, args, message
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not list(tmp_path.rglob("checkpoints"))
+
+
+def test_checkpoint_from_before_a_new_config_field_still_loads(tmp_path):
+    from cliptrain.models import create_model
+    build_trainer(micro_config(tmp_path, train={"steps": 2})).fit()
+    last = ckpt.list_checkpoints(tmp_path / "run")[-1]
+    config = yaml.safe_load((last / "config.yaml").read_text())
+    del config["model"]["arch"]["vision"]["patch_dropout"]  # as written before the field existed
+    (last / "config.yaml").write_text(yaml.safe_dump(config))
+    ckpt.load_model_weights(create_model("tiny", **MICRO_ARCH), last)

@@ -25,7 +25,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cliptrain.config import flatten, to_dict
+from cliptrain.config import flatten, from_dict, to_dict
 
 MANIFEST = "manifest.json"
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.yaml", "tokenizer.json")
@@ -218,7 +218,8 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
     config = directory / "config.yaml"
     arch = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("arch") if config.is_file() else None
     if arch and hasattr(target, "cfg"):
-        saved, own = flatten(arch), flatten(to_dict(target.cfg))
+        # Through the config class, so fields added since the checkpoint was written take their defaults.
+        saved, own = flatten(to_dict(from_dict(type(target.cfg), arch))), flatten(to_dict(target.cfg))
         diff = [f"{k}: checkpoint {saved.get(k)!r}, model {own.get(k)!r}"
                 for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k)]
         if diff:
