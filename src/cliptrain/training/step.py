@@ -49,19 +49,7 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     world = world or World()
     scale = scaler.scale if scaler is not None else (lambda t: t)
     if accum_steps == 1:
-        with autocast(precision, images.device):
-            output = _encode(model, teacher, images, texts)
-        if world.distributed and hasattr(objective, "forward_local"):  # the objective exchanges features itself
-            losses = objective.forward_local(output, world)
-            total = sum(losses.values())
-            scale(total).backward()
-            return {k: mean_over_ranks(v.detach()) for k, v in {**losses, "loss": total}.items()}
-        if world.distributed:
-            output = dataclasses.replace(output, **{n: gather_with_grad(getattr(output, n)) for n in PER_SAMPLE_FIELDS
-                                                    if getattr(output, n) is not None})
-        total, logged = _total(objective, output)
-        scale(total).backward()
-        return logged
+        return _single_backward(model, objective, images, texts, precision, scale, world, teacher)
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
     rng = []  # each micro-batch is re-encoded with the random draws (e.g. patch dropout) of its first pass
     with torch.no_grad(), autocast(precision, images.device):
@@ -102,6 +90,24 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+def _single_backward(model: nn.Module, objective: Objective, images: torch.Tensor, texts: torch.Tensor,
+                     precision: str, scale: Callable, world: World, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
+    """One forward and backward of the whole batch (features gathered across ranks with gradients)."""
+    with autocast(precision, images.device):
+        output = _encode(model, teacher, images, texts)
+    if world.distributed and hasattr(objective, "forward_local"):  # the objective exchanges features itself
+        losses = objective.forward_local(output, world)
+        total = sum(losses.values())
+        scale(total).backward()
+        return {k: mean_over_ranks(v.detach()) for k, v in {**losses, "loss": total}.items()}
+    if world.distributed:
+        output = dataclasses.replace(output, **{n: gather_with_grad(getattr(output, n)) for n in PER_SAMPLE_FIELDS
+                                                if getattr(output, n) is not None})
+    total, logged = _total(objective, output)
+    scale(total).backward()
+    return logged
 
 
 def _join(outs: list[ModelOutput], world: World) -> dict[str, torch.Tensor | None]:
