@@ -160,13 +160,9 @@ def test_rank_split_covers_each_global_batch_once():
 
 
 def load_weights(checkpoint):
-    """Weights of any checkpoint format, through the loader users call."""
-    from cliptrain.models import CLIP
-    from cliptrain.models.config import CLIPConfig
-    from cliptrain.config import from_dict
-    arch = yaml.safe_load((checkpoint / "config.yaml").read_text())["model"]["arch"]
-    model = CLIP(from_dict(CLIPConfig, arch))
-    ckpt.load_model_weights(model, checkpoint)
+    """Weights of any checkpoint format, through the loader `cliptrain eval` uses."""
+    from cliptrain.training.setup import load_checkpoint
+    model, _, _ = load_checkpoint(checkpoint)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -168,7 +168,7 @@ def load_teacher(path: str, student: CLIPConfig) -> CLIP:
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[CLIP, Tokenizer, RunConfig]:
     """(model, tokenizer, run config) of a checkpoint directory, ready for evaluation."""
     path = Path(path)
-    for name in ("config.yaml", "model.safetensors", "tokenizer.json"):
+    for name in ckpt.required_files(path):  # the full or the sharded layout
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint directory: {name} is missing")
     data = yaml.safe_load((path / "config.yaml").read_text())
