@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cliptrain.config import ConfigError
+from cliptrain.typed import ConfigError
 
 
 @dataclass
