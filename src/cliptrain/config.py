@@ -59,6 +59,7 @@ class AugmentSection:
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic"
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+    from_model: bool = False            # timm image tower: mean, std and interpolation from timm's config for it
 
     def __post_init__(self):
         _check(0 < self.scale[0] <= self.scale[1] <= 1, f"augment.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
@@ -119,12 +120,13 @@ class TrainSection:
     keep_every: int = 0                 # also keep every checkpoint whose step is a multiple of this (0: none)
     nonfinite_limit: int = 10           # stop after this many consecutive steps with a non-finite loss or gradient
     threads: int | None = None          # torch intra-op threads (default: torch's choice)
-    compile: bool = False               # wrap the model in torch.compile
+    compile: bool = False               # wrap the model in torch.compile (uncompiled, with a warning, if it fails)
     grad_checkpointing: bool = False    # recompute block activations in backward to save memory
     lock_image: bool = False            # LiT: freeze the image tower (e.g. a pretrained one)...
-    lock_image_unlocked: int = 0        # ...except its last N blocks, final norm and projection
+    lock_image_unlocked: int = 0        # ...except its last N blocks, final norm and projection (timm: layer groups)
     lock_text: bool = False             # freeze the text tower...
-    lock_text_unlocked: int = 0         # ...except its last N blocks, final norm and projection
+    lock_text_unlocked: int = 0         # ...except its last N blocks, final norm and projection (HF: layers)
+    lock_freeze_norm_stats: bool = True  # batch norms in a locked part keep their running statistics (eval mode)
     progress: bool = True
     tensorboard: bool = True
     wandb: Literal["off", "online", "offline"] = "off"

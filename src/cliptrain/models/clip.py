@@ -1,6 +1,7 @@
 """The two-tower CLIP model."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptrain.models.config import CLIPConfig
-from cliptrain.models.text import TextTransformer
-from cliptrain.models.vision import VisionTransformer
+from cliptrain.models.text import text_tower
+from cliptrain.models.vision import image_tower
 
 
 @dataclass
@@ -28,13 +29,18 @@ class ModelOutput:
 
 
 class CLIP(nn.Module):
-    """Image and text towers projected into one embedding space, with a learnable logit scale."""
+    """Image and text towers projected into one embedding space, with a learnable logit scale.
 
-    def __init__(self, cfg: CLIPConfig):
+    `pretrained`: load the pretrained weights a tower's config names (timm, a Hugging Face directory);
+    False when the weights come from a checkpoint anyway.
+    """
+
+    def __init__(self, cfg: CLIPConfig, pretrained: bool = True):
         super().__init__()
-        self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.activation)
+        self.visual = image_tower(cfg.vision, cfg.embed_dim, cfg.activation, pretrained)
+        self.text = text_tower(cfg.text, cfg.embed_dim, cfg.activation, pretrained)
+        # A tower may complete its config (a Hugging Face tower records the model's config).
+        self.cfg = dataclasses.replace(cfg, vision=self.visual.cfg, text=self.text.cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = (nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
                            if cfg.init_logit_bias is not None else None)
@@ -53,26 +59,25 @@ class CLIP(nn.Module):
         """Encode both modalities."""
         return ModelOutput(self.encode_image(images), self.encode_text(texts), self.logit_scale.exp(), self.logit_bias)
 
-    def lock_image_tower(self, unlocked_layers: int = 0) -> None:
-        """Freeze the image tower (LiT), leaving its last `unlocked_layers` blocks, final norm and projection
-        trainable when `unlocked_layers` > 0."""
-        _lock(self.visual, self.visual.transformer.blocks, (self.visual.ln_post, self.visual.proj), unlocked_layers)
+    def lock_image_tower(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
+        """Freeze the image tower (LiT) except its last `unlocked_layers` layers (see the tower's `lock`);
+        batch-norm layers left frozen keep their running statistics when `freeze_norm_stats`."""
+        self.visual.lock(unlocked_layers, freeze_norm_stats)
 
-    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
-        """Freeze the text tower, leaving its last `unlocked_layers` blocks, final norm and projection trainable
-        when `unlocked_layers` > 0."""
-        _lock(self.text, self.text.transformer.blocks, (self.text.ln_final, self.text.text_projection), unlocked_layers)
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
+        """Freeze the text tower except its last `unlocked_layers` layers (see the tower's `lock`)."""
+        self.text.lock(unlocked_layers, freeze_norm_stats)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each transformer block's activations in backward (less memory, about 1/3 more compute)."""
-        self.visual.transformer.grad_checkpointing = enabled
-        self.text.transformer.grad_checkpointing = enabled
+        """Recompute each block's activations in backward (less memory, about 1/3 more compute)."""
+        self.visual.set_grad_checkpointing(enabled)
+        self.text.set_grad_checkpointing(enabled)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay besides biases and norms."""
         names = {"logit_scale", "logit_bias"}
-        names |= {f"visual.{n}" for n in VisionTransformer.no_weight_decay}
-        names |= {f"text.{n}" for n in TextTransformer.no_weight_decay}
+        names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
         return names
 
     @torch.no_grad()
@@ -80,11 +85,3 @@ class CLIP(nn.Module):
         """Keep the log temperature within [0, max_logit_scale] (called after each optimizer step)."""
         self.logit_scale.clamp_(0, self.cfg.max_logit_scale)
 
-
-def _lock(tower: nn.Module, blocks: nn.ModuleList, head: tuple, unlocked_layers: int) -> None:
-    if not 0 <= unlocked_layers <= len(blocks):
-        raise ValueError(f"unlocked layers must be in [0, {len(blocks)}], got {unlocked_layers}")
-    tower.requires_grad_(False)
-    if unlocked_layers:
-        for module in (*blocks[len(blocks) - unlocked_layers:], *head):
-            module.requires_grad_(True)

@@ -8,9 +8,12 @@ from typing import Literal
 from cliptrain.typed import ConfigError
 
 
+Projection = Literal["linear", "mlp", "none"]
+
+
 @dataclass
 class VisionConfig:
-    """ViT image tower."""
+    """Image tower: our ViT, or any timm model when `timm_model` is set (the ViT shape fields are then unused)."""
     image_size: int = 224
     patch_size: int = 32
     width: int = 768
@@ -18,10 +21,19 @@ class VisionConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     patch_dropout: float = 0.0           # FLIP: fraction of patch tokens dropped at random while training
+    timm_model: str | None = None        # a timm model name, e.g. vit_small_patch16_224, resnet50
+    timm_pretrained: bool = False        # load timm's pretrained weights (timm fetches them)
+    timm_pool: str | None = None         # timm's global_pool (avg | token | map | max | ...); null: the model's own
+    timm_proj: Projection = "linear"     # head from the pooled features to embed_dim; none: dims must match
+    timm_kwargs: dict = field(default_factory=dict)  # further timm.create_model arguments, e.g. {drop_path_rate: 0.1}
 
     def __post_init__(self):
         if not 0 <= self.patch_dropout < 1:
             raise ConfigError(f"vision.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.image_size < 1:
+            raise ConfigError(f"vision.image_size must be >= 1, got {self.image_size}")
+        if self.timm_model:
+            return
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision.image_size ({self.image_size}) must be a multiple of "
                               f"vision.patch_size ({self.patch_size})")
@@ -33,23 +45,35 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """Causal transformer text tower."""
+    """Text tower: our causal transformer, or a Hugging Face model when `hf_model` (or `hf_config`) is set
+    (vocab_size, width, layers, heads, mlp_ratio and eot_token_id are then unused)."""
     vocab_size: int = 49408
     context_length: int = 77
     width: int = 512
     layers: int = 12
     heads: int = 8
     mlp_ratio: float = 4.0
-    pad_token_id: int = 0
+    pad_token_id: int = 0                # Hugging Face tower: the attention mask is texts != pad_token_id
     eot_token_id: int = 49407            # features are pooled at the first end-of-text token
+    hf_model: str | None = None          # a local Hugging Face model directory (config.json, weights, tokenizer)
+    hf_pooling: Literal["mean", "cls"] = "mean"  # mean over unpadded tokens, or the first token's state
+    hf_proj: Projection = "linear"       # head from the hidden size to embed_dim; none: dims must match
+    hf_config: dict = field(default_factory=dict)  # its config.json, filled in when built: checkpoints need no directory
+
+    @property
+    def is_hf(self) -> bool:
+        """Whether the tower is a Hugging Face model."""
+        return bool(self.hf_model or self.hf_config)
 
     def __post_init__(self):
+        if self.context_length < 2:
+            raise ConfigError(f"text.context_length must be >= 2, got {self.context_length}")
+        if self.is_hf:
+            return
         if self.width % self.heads:
             raise ConfigError(f"text.width ({self.width}) must be divisible by text.heads ({self.heads})")
         if not 0 <= self.eot_token_id < self.vocab_size:
             raise ConfigError(f"text.eot_token_id ({self.eot_token_id}) must be in [0, vocab_size={self.vocab_size})")
-        if self.context_length < 2:
-            raise ConfigError(f"text.context_length must be >= 2, got {self.context_length}")
 
 
 @dataclass

@@ -15,6 +15,8 @@ def _tower_flops(width: int, layers: int, tokens: int, mlp_ratio: float) -> floa
 def forward_flops(cfg: CLIPConfig) -> float:
     """Matmul FLOPs of one sample's forward pass (image and text); training costs about 3x this."""
     v, t = cfg.vision, cfg.text
+    if v.timm_model or t.is_hf:
+        raise ValueError("FLOP counts cover cliptrain's own ViT and text transformer, not timm / Hugging Face towers")
     patches = (v.image_size // v.patch_size) ** 2
     flops = _tower_flops(v.width, v.layers, patches + 1, v.mlp_ratio)
     flops += 2 * patches * 3 * v.patch_size ** 2 * v.width          # patch embedding

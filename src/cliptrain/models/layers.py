@@ -1,10 +1,13 @@
 """Transformer building blocks shared by the towers."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 
@@ -102,3 +105,75 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
             for lin in (block.attn.qkv, block.attn.out, block.mlp.fc1, block.mlp.fc2):
                 nn.init.zeros_(lin.bias)
+
+
+def lock_blocks(tower: nn.Module, blocks: nn.ModuleList, head: tuple, unlocked_layers: int) -> None:
+    """Freeze `tower`, leaving its last `unlocked_layers` blocks and the `head` modules trainable when
+    `unlocked_layers` > 0."""
+    if not 0 <= unlocked_layers <= len(blocks):
+        raise ValueError(f"unlocked layers must be in [0, {len(blocks)}], got {unlocked_layers}")
+    tower.requires_grad_(False)
+    if unlocked_layers:
+        for module in (*blocks[len(blocks) - unlocked_layers:], *head):
+            module.requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by the adapter towers (timm image models, Hugging Face text models)
+# --------------------------------------------------------------------------------------------
+
+def import_optional(module: str, extra: str):
+    """Import an optional dependency, or fail naming the pip extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"this tower needs {module!r}, which is not installed; install it with "
+                          f"pip install 'cliptrain[{extra}]'") from exc
+
+
+def projection_head(kind: str, width: int, embed_dim: int, key: str) -> nn.Module:
+    """The head from a tower's `width` features to `embed_dim`: linear, a 2-layer MLP, or none (same size)."""
+    if kind == "none":
+        if width != embed_dim:
+            raise ValueError(f"{key} none needs the tower's feature size ({width}) to equal embed_dim ({embed_dim}); "
+                             f"set {key} linear or mlp")
+        return nn.Identity()
+    if kind == "linear":
+        return nn.Linear(width, embed_dim, bias=False)
+    hidden = (width + embed_dim) // 2
+    return nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False))
+
+
+class AdapterTower(nn.Module):
+    """Base of the towers that wrap another library's model as `self.trunk` under a projection `self.proj`.
+
+    Locking (LiT) freezes the trunk except its last `unlocked_layers` layers (the projection head, new
+    and untrained, stays trainable); batch-norm layers left without trainable parameters then stay in
+    eval mode, so their running statistics do not move either (`train()` keeps them there).
+    """
+
+    frozen_norms: tuple[nn.Module, ...] = ()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for norm in self.frozen_norms:
+            norm.eval()
+        return self
+
+    def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
+        """Freeze the trunk except the parameters of its last `unlocked_layers` layer groups."""
+        groups = self.layer_groups()
+        if not 0 <= unlocked_layers <= len(groups):
+            raise ValueError(f"unlocked layers must be in [0, {len(groups)}], got {unlocked_layers}")
+        self.trunk.requires_grad_(False)
+        for group in groups[len(groups) - unlocked_layers:]:
+            for param in group:
+                param.requires_grad_(True)
+        self.frozen_norms = tuple(m for m in self.trunk.modules() if isinstance(m, _BatchNorm)
+                                  and m.track_running_stats and not any(p.requires_grad for p in m.parameters())
+                                  ) if freeze_norm_stats else ()
+        self.train(self.training)
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The trunk's parameters in groups from input to output, the unit of `lock(unlocked_layers)`."""
+        raise NotImplementedError

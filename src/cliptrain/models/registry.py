@@ -31,10 +31,11 @@ def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
     return from_dict(CLIPConfig, deep_update(data, to_dict(overrides)), prefix="")
 
 
-def create_model(name: str | CLIPConfig, **overrides: Any) -> CLIP:
-    """Build a randomly initialised model from a config name (or config) with optional overrides."""
+def create_model(name: str | CLIPConfig, *, pretrained: bool = True, **overrides: Any) -> CLIP:
+    """Build a model from a config name (or config) with optional overrides: randomly initialised, except
+    towers whose config names pretrained weights (timm, a Hugging Face directory) when `pretrained`."""
     if isinstance(name, CLIPConfig):
         cfg = from_dict(CLIPConfig, deep_update(to_dict(name), to_dict(overrides)))
     else:
         cfg = get_model_config(name, **overrides)
-    return CLIP(cfg)
+    return CLIP(cfg, pretrained)

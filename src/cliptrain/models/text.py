@@ -1,17 +1,26 @@
-"""Causal transformer text tower."""
+"""Text towers: our causal transformer, and a Hugging Face model behind a projection to the embedding size."""
 from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from cliptrain.models.config import TextConfig
-from cliptrain.models.layers import Transformer
+from cliptrain.models.layers import AdapterTower, Transformer, import_optional, lock_blocks, projection_head
+
+
+def text_tower(cfg: TextConfig, embed_dim: int, activation: str, pretrained: bool = True) -> nn.Module:
+    """The text tower `cfg` describes (`pretrained`: load the Hugging Face directory's weights when there is one)."""
+    if cfg.is_hf:
+        return HFTextTower(cfg, embed_dim, pretrained)
+    return TextTransformer(cfg, embed_dim, activation)
 
 
 class TextTransformer(nn.Module):
     """Token + position embeddings, causal blocks, final norm, projection at the first end-of-text token."""
-
-    no_weight_decay = ("positional_embedding",)
 
     def __init__(self, cfg: TextConfig, embed_dim: int, activation: str):
         super().__init__()
@@ -45,3 +54,121 @@ class TextTransformer(nn.Module):
         x = self.ln_final(self.transformer(x, is_causal=True))
         pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(texts)]
         return pooled @ self.text_projection
+
+    def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
+        """Freeze the tower, leaving its last `unlocked_layers` blocks, final norm and projection trainable when
+        `unlocked_layers` > 0 (no batch norm here: `freeze_norm_stats` changes nothing)."""
+        lock_blocks(self, self.transformer.blocks, (self.ln_final, self.text_projection), unlocked_layers)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward."""
+        self.transformer.grad_checkpointing = enabled
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (within the tower) excluded from weight decay besides biases and norms."""
+        return {"positional_embedding"}
+
+    def block_modules(self) -> list[nn.Module]:
+        """The repeated blocks (units of FSDP sharding)."""
+        return list(self.transformer.blocks)
+
+
+# Keys of a Hugging Face config that describe where it came from, not the model.
+_HF_CONFIG_SOURCE_KEYS = ("_name_or_path", "transformers_version")
+
+
+class HFTextTower(AdapterTower):
+    """A Hugging Face encoder (`trunk`; AutoModel, its pooler removed), mean- or first-token-pooled, and a
+    projection head (`proj`). Padding (ids equal to `cfg.pad_token_id`) is masked out of attention and pooling."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int, pretrained: bool = True):
+        super().__init__()
+        self.trunk = _create_hf(cfg, pretrained)
+        hf = self.trunk.config
+        if cfg.context_length > getattr(hf, "max_position_embeddings", cfg.context_length):
+            raise ValueError(f"text.context_length ({cfg.context_length}) exceeds the model's "
+                             f"max_position_embeddings ({hf.max_position_embeddings}); lower text.context_length")
+        config = {k: v for k, v in hf.to_dict().items() if k not in _HF_CONFIG_SOURCE_KEYS}
+        self.cfg = dataclasses.replace(cfg, hf_config=json.loads(json.dumps(config)))  # YAML-safe plain values
+        self.proj = projection_head(cfg.hf_proj, hf.hidden_size, embed_dim, "text.hf_proj")
+
+    def forward(self, texts: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids -> [B, embed_dim] unnormalised features."""
+        if texts.shape[1] > self.cfg.context_length:
+            raise ValueError(f"texts have {texts.shape[1]} tokens but the model's context length is "
+                             f"{self.cfg.context_length}")
+        mask = (texts != self.cfg.pad_token_id).long()
+        hidden = self.trunk(input_ids=texts, attention_mask=mask).last_hidden_state
+        if self.cfg.hf_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.proj(pooled)
+
+    def layers(self) -> nn.ModuleList:
+        """The encoder's layer list (the longest ModuleList in the model)."""
+        lists = [m for m in self.trunk.modules() if isinstance(m, nn.ModuleList)]
+        if not lists:
+            raise ValueError(f"found no layer list in {type(self.trunk).__name__}; it cannot be locked layer-wise")
+        return max(lists, key=len)
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Embeddings, then each layer; the last layer's group also holds what follows it (a final norm)."""
+        layers = self.layers()
+        in_layers = {id(p) for p in layers.parameters()}
+        params = list(self.trunk.parameters())
+        last = max(i for i, p in enumerate(params) if id(p) in in_layers)
+        before = [p for p in params[:last] if id(p) not in in_layers]
+        after = [p for p in params[last + 1:] if id(p) not in in_layers]
+        groups = [before] + [list(layer.parameters()) for layer in layers]
+        groups[-1] += after
+        return groups
+
+    def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
+        """Freeze the model except its last `unlocked_layers` layers (and a final norm after them); the
+        projection head stays trainable."""
+        n = len(self.layers())
+        if not 0 <= unlocked_layers <= n:
+            raise ValueError(f"unlocked layers must be in [0, {n}], got {unlocked_layers}")
+        super().lock(unlocked_layers, freeze_norm_stats)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Hugging Face's activation checkpointing of the encoder layers."""
+        if not getattr(self.trunk, "supports_gradient_checkpointing", False):
+            if enabled:
+                raise ValueError(f"{type(self.trunk).__name__} does not support gradient checkpointing; "
+                                 f"set train.grad_checkpointing false")
+            return
+        if enabled:
+            self.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.trunk.is_gradient_checkpointing:
+            self.trunk.gradient_checkpointing_disable()
+
+    def no_weight_decay(self) -> set[str]:
+        """None besides biases and norms."""
+        return set()
+
+    def block_modules(self) -> list[nn.Module]:
+        """The encoder layers (units of FSDP sharding)."""
+        return list(self.layers())
+
+
+def _create_hf(cfg: TextConfig, pretrained: bool) -> nn.Module:
+    """The AutoModel of cfg.hf_config (random weights) or of the directory cfg.hf_model, without its pooler."""
+    transformers = import_optional("transformers", "hf")
+    if cfg.hf_config:
+        config = transformers.AutoConfig.for_model(**cfg.hf_config)
+        model = transformers.AutoModel.from_config(config)
+    else:
+        path = Path(cfg.hf_model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"text.hf_model: {path} is not a Hugging Face model directory (no config.json); "
+                                    f"save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)")
+        if pretrained:
+            model = transformers.AutoModel.from_pretrained(path)
+        else:
+            model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(path))
+    if getattr(model, "pooler", None) is not None:  # unused (we pool ourselves): it would get no gradient
+        model.pooler = None
+    return model.float()

@@ -1,17 +1,24 @@
-"""ViT image tower."""
+"""Image towers: our ViT, and any timm model behind a projection to the embedding size."""
 from __future__ import annotations
+
+import difflib
 
 import torch
 from torch import nn
 
 from cliptrain.models.config import VisionConfig
-from cliptrain.models.layers import Transformer
+from cliptrain.models.layers import AdapterTower, Transformer, import_optional, lock_blocks, projection_head
+
+
+def image_tower(cfg: VisionConfig, embed_dim: int, activation: str, pretrained: bool = True) -> nn.Module:
+    """The image tower `cfg` describes (`pretrained`: load timm's weights where `cfg` asks for them)."""
+    if cfg.timm_model:
+        return TimmVisionTower(cfg, embed_dim, pretrained)
+    return VisionTransformer(cfg, embed_dim, activation)
 
 
 class VisionTransformer(nn.Module):
     """Patch embedding, class token, positions, pre-norm blocks, final norm, projection of the class token."""
-
-    no_weight_decay = ("class_embedding", "positional_embedding")
 
     def __init__(self, cfg: VisionConfig, embed_dim: int, activation: str):
         super().__init__()
@@ -51,3 +58,103 @@ class VisionTransformer(nn.Module):
             x = self._drop_patches(x)
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj
+
+    def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
+        """Freeze the tower (LiT), leaving its last `unlocked_layers` blocks, final norm and projection trainable
+        when `unlocked_layers` > 0 (a ViT has no batch norm: `freeze_norm_stats` changes nothing)."""
+        lock_blocks(self, self.transformer.blocks, (self.ln_post, self.proj), unlocked_layers)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward."""
+        self.transformer.grad_checkpointing = enabled
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (within the tower) excluded from weight decay besides biases and norms."""
+        return {"class_embedding", "positional_embedding"}
+
+    def block_modules(self) -> list[nn.Module]:
+        """The repeated blocks (units of FSDP sharding)."""
+        return list(self.transformer.blocks)
+
+
+class TimmVisionTower(AdapterTower):
+    """A timm model (`trunk`, classifier removed, pooled as configured) and a projection head (`proj`)."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, pretrained: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = _create_timm(cfg, pretrained)
+        self.proj = projection_head(cfg.timm_proj, self.trunk.num_features, embed_dim, "vision.timm_proj")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] images -> [B, embed_dim] unnormalised features."""
+        return self.proj(self.trunk(images))
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """timm's own layer groups (`group_matcher`: stem, blocks or stages, final norm), else the top-level modules."""
+        if hasattr(self.trunk, "group_matcher"):
+            from timm.models import group_parameters
+            groups = group_parameters(self.trunk, self.trunk.group_matcher())
+            return [[self.trunk.get_parameter(n) for n in groups[k]] for k in sorted(groups)]
+        children = (list(c.parameters()) for c in self.trunk.children())
+        return [g for g in children if g]
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """timm's activation checkpointing of the trunk's blocks."""
+        if hasattr(self.trunk, "set_grad_checkpointing"):
+            self.trunk.set_grad_checkpointing(enabled)
+        elif enabled:
+            raise ValueError(f"timm model {self.cfg.timm_model} has no set_grad_checkpointing; "
+                             f"set train.grad_checkpointing false")
+
+    def no_weight_decay(self) -> set[str]:
+        """The trunk's own list (position embeddings, class tokens...)."""
+        names = self.trunk.no_weight_decay() if hasattr(self.trunk, "no_weight_decay") else ()
+        return {f"trunk.{n}" for n in names}
+
+    def block_modules(self) -> list[nn.Module]:
+        """The trunk's blocks or stages when it has them (units of FSDP sharding)."""
+        for name in ("blocks", "stages", "layers"):
+            if isinstance(getattr(self.trunk, name, None), (nn.Sequential, nn.ModuleList)):
+                return list(getattr(self.trunk, name))
+        return []
+
+    def data_config(self) -> dict:
+        """timm's preprocessing for this model: mean, std, interpolation, input size."""
+        from timm.data import resolve_data_config
+        return resolve_data_config({}, model=self.trunk)
+
+
+def _create_timm(cfg: VisionConfig, pretrained: bool) -> nn.Module:
+    """timm.create_model without classifier, at cfg.image_size where the model takes an image size."""
+    timm = import_optional("timm", "timm")
+    kwargs = {"pretrained": pretrained and cfg.timm_pretrained, "num_classes": 0, "img_size": cfg.image_size,
+              **cfg.timm_kwargs}
+    if cfg.timm_pool is not None:
+        kwargs["global_pool"] = cfg.timm_pool
+    if cfg.patch_dropout:
+        kwargs["patch_drop_rate"] = cfg.patch_dropout
+    try:
+        try:
+            return timm.create_model(cfg.timm_model, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc) or "img_size" in cfg.timm_kwargs:
+                raise
+            del kwargs["img_size"]  # a convolutional net: it takes any image size
+            return timm.create_model(cfg.timm_model, **kwargs)
+    except (TypeError, RuntimeError) as exc:
+        raise _timm_error(cfg, exc) from exc
+
+
+def _timm_error(cfg: VisionConfig, exc: Exception) -> Exception:
+    """A clear error for a timm model that cannot be built as configured."""
+    import timm
+    if "patch_drop_rate" in str(exc):
+        return ValueError(f"vision.patch_dropout: timm model {cfg.timm_model} has no patch dropout "
+                          f"(ViT-style timm models do); set vision.patch_dropout 0")
+    if cfg.timm_model not in timm.list_models():
+        close = difflib.get_close_matches(cfg.timm_model, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+        return ValueError(f"vision.timm_model: timm has no model {cfg.timm_model!r}{hint}")
+    return ValueError(f"vision.timm_model {cfg.timm_model}: timm could not build it ({exc}); "
+                      f"check vision.timm_pool and vision.timm_kwargs")

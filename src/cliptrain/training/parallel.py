@@ -14,17 +14,19 @@ from torch import nn
 
 from cliptrain.distributed import World
 from cliptrain.training.checkpoint import unwrap
+from cliptrain.training.compile import compile_model
 from cliptrain.training.precision import DTYPES
 
 
 def wrap_model(model: nn.Module, world: World, strategy: str, precision: str, compile: bool = False) -> nn.Module:
-    """`model` ready for training on `world`: DDP or FSDP2 across processes, optionally torch.compile'd."""
+    """`model` ready for training on `world`: DDP or FSDP2 across processes, optionally torch.compile'd
+    (uncompiled, with a warning, when torch.compile refuses it)."""
     if world.distributed and strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision] if precision != "fp32" else None,
                                       reduce_dtype=torch.float32)
         for tower in (model.visual, model.text):
-            for block in tower.transformer.blocks:
+            for block in tower.block_modules():
                 fully_shard(block, mp_policy=policy)
             fully_shard(tower, mp_policy=policy)
         # The logit scale stays a plain parameter: every rank computes the same global loss, so its
@@ -33,7 +35,7 @@ def wrap_model(model: nn.Module, world: World, strategy: str, precision: str, co
         from torch.nn.parallel import DistributedDataParallel
         ids = [world.device.index] if world.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
-    return torch.compile(model) if compile else model
+    return compile_model(model) if compile else model
 
 
 def is_fsdp(model: nn.Module) -> bool:

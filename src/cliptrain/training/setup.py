@@ -18,6 +18,7 @@ from cliptrain.evaluation.evaluate import EvalSet
 from cliptrain.models import CLIP, create_model
 from cliptrain.models.config import CLIPConfig
 from cliptrain.models.registry import get_model_config
+from cliptrain.hf_tokenizer import load_hf_tokenizer
 from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import check_output_dir, checkpoint_size
@@ -42,9 +43,11 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
 
 
 def build_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]], model_cfg: CLIPConfig) -> Tokenizer:
-    """The configured tokenizer, or a BPE learned from the training captions when no path is set;
-    checked against the model's vocabulary and context length."""
+    """The configured tokenizer; when no path is set, a Hugging Face text tower's own tokenizer, else a BPE
+    learned from the training captions; checked against the model's vocabulary and context length."""
     path, text = cfg.tokenizer.path, model_cfg.text
+    if path is None and text.hf_model:  # a Hugging Face text tower reads its own tokens
+        return load_hf_tokenizer(text.hf_model, text.context_length)
     if path is None:
         tok = train_bpe(captions(), vocab_size=cfg.tokenizer.vocab_size, context_length=text.context_length)
     elif path.endswith((".txt", ".txt.gz")):
@@ -54,7 +57,7 @@ def build_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]], model_cfg
     if tok.context_length != text.context_length:
         raise ValueError(f"tokenizer {path} has context length {tok.context_length} but the model has "
                          f"{text.context_length}; set --model.arch.text.context_length {tok.context_length}")
-    if tok.vocab_size > text.vocab_size:
+    if tok.vocab_size > text.vocab_size and not text.is_hf:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's text.vocab_size is "
                          f"{text.vocab_size}; set --model.arch.text.vocab_size {tok.vocab_size} or use a smaller tokenizer")
     return tok
@@ -136,9 +139,11 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         tokenizer = build_tokenizer(dataclasses.replace(cfg, tokenizer=teacher_tokens), list, model_cfg)
     else:
         tokenizer = build_tokenizer(cfg, lambda: source_captions(train_src), model_cfg)
-    model = create_model(model_cfg, text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
+    model = create_model(model_cfg, pretrained=resume is None,  # resuming: the checkpoint has the weights
+                         text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
     if resume is not None and not (resume / ckpt.SHARDED).is_dir():  # sharded: loaded after wrapping
         ckpt.load_model_weights(model, resume)
+    cfg = preprocessing_from_model(cfg, model)
     torch.manual_seed(cfg.train.seed + 1_000_003 * world.rank)  # step-time randomness differs per rank
     a = cfg.augment
     train_data = PairDataset(train_src, image_transform(size, True, a.mean, a.std, a.interpolation, a.scale),
@@ -152,6 +157,19 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     if resume is not None:
         trainer.resume(resume)
     return trainer
+
+
+def preprocessing_from_model(cfg: RunConfig, model: CLIP) -> RunConfig:
+    """`cfg` with timm's mean, std and interpolation for the image tower when `augment.from_model` asks for them
+    (written into the saved config, so evaluation normalises alike)."""
+    if not cfg.augment.from_model:
+        return cfg
+    if not hasattr(model.visual, "data_config"):
+        raise ConfigError("augment.from_model needs a timm image tower (model.arch.vision.timm_model)")
+    data = model.visual.data_config()
+    augment = dataclasses.replace(cfg.augment, mean=tuple(data["mean"]), std=tuple(data["std"]),
+                                  interpolation=data["interpolation"])
+    return dataclasses.replace(cfg, augment=augment)
 
 
 def load_teacher(path: str, student: CLIPConfig) -> CLIP:
@@ -172,7 +190,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint directory: {name} is missing")
     data = yaml.safe_load((path / "config.yaml").read_text())
-    model = CLIP(from_dict(CLIPConfig, data["model"]["arch"]))
+    model = CLIP(from_dict(CLIPConfig, data["model"]["arch"]), pretrained=False)
     ckpt.load_model_weights(model, path)
     cfg = from_dict(RunConfig, data)
     return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json"), cfg

@@ -55,9 +55,9 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     with torch.no_grad(), autocast(precision, images.device):
         outs = []
         for i, t in chunks:
-            rng.append(_rng_state(images.device))
+            rng.append(device_rng_state(images.device))
             outs.append(_encode(model, teacher, i, t))
-    after = _rng_state(images.device)
+    after = device_rng_state(images.device)
     joined = _join(outs, world)
     total, logged = _total(objective, ModelOutput(**joined))
     names = [n for n, v in joined.items() if v is not None and v.requires_grad]
@@ -70,7 +70,7 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     shared = [n for n in names if n not in PER_SAMPLE_FIELDS and grads[n] is not None]
     for j, (i, t) in enumerate(chunks):
         last = j == len(chunks) - 1
-        _set_rng_state(rng[j], images.device)
+        set_device_rng_state(rng[j], images.device)
         with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
             with autocast(precision, images.device):
                 out = model(i, t)
@@ -78,15 +78,17 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
             if last:
                 terms += [(getattr(out, n).float() * grads[n]).sum() for n in shared]
             torch.stack(terms).sum().backward()
-    _set_rng_state(after, images.device)
+    set_device_rng_state(after, images.device)
     return logged
 
 
-def _rng_state(device: torch.device) -> tuple:
+def device_rng_state(device: torch.device) -> tuple:
+    """The torch RNG state that step-time randomness on `device` draws from (CPU, and CUDA on a GPU)."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _set_rng_state(state: tuple, device: torch.device) -> None:
+def set_device_rng_state(state: tuple, device: torch.device) -> None:
+    """Restore what `device_rng_state` returned."""
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)

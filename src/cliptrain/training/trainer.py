@@ -21,7 +21,8 @@ from cliptrain.training.optim import build_optimizer, lr_at, set_lr
 from cliptrain.training.precision import grad_scaler, resolve_precision
 from cliptrain.training.parallel import (full_norm, is_fsdp, load_optimizer_state_dict, load_sharded,
                                          model_state_dict, no_sync, optimizer_state_dict, save_sharded, wrap_model)
-from cliptrain.training.step import forward_backward
+from cliptrain.training.compile import is_compiled, warn_fallback
+from cliptrain.training.step import device_rng_state, forward_backward, set_device_rng_state
 
 
 
@@ -38,9 +39,9 @@ class Trainer:
         model = model.to(self.device)
         model.set_grad_checkpointing(cfg.train.grad_checkpointing)
         if cfg.train.lock_image:
-            model.lock_image_tower(cfg.train.lock_image_unlocked)
+            model.lock_image_tower(cfg.train.lock_image_unlocked, cfg.train.lock_freeze_norm_stats)
         if cfg.train.lock_text:
-            model.lock_text_tower(cfg.train.lock_text_unlocked)
+            model.lock_text_tower(cfg.train.lock_text_unlocked, cfg.train.lock_freeze_norm_stats)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.model = wrap_model(model, self.world, cfg.dist.strategy, self.precision, cfg.train.compile)
         self.no_sync = no_sync(self.model)
@@ -71,8 +72,7 @@ class Trainer:
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.cfg.optim))
         self.optimizer.zero_grad(set_to_none=True)
         batch = batch.to(self.device)
-        losses = forward_backward(self.model, self.objective, batch.images, batch.texts, self.cfg.train.accum_steps,
-                                  self.precision, self.scaler, self.world, self.no_sync, self.teacher)
+        losses = self._forward_backward(batch)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else float("inf")
         losses["grad_norm"] = full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
@@ -88,6 +88,26 @@ class Trainer:
             self.say(skipped)
             self.record("skip", {"nonfinite_skips": self.guard.total})
         return losses
+
+    def _forward_backward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """`forward_backward` of the batch. When a compiled model fails (compilation happens at the first call,
+        and again whenever a new graph is needed), warn once, drop the compilation for good and run the step
+        again uncompiled, from the same RNG state and with no gradient left over from the failed attempt."""
+        def run() -> dict[str, torch.Tensor]:
+            return forward_backward(self.model, self.objective, batch.images, batch.texts, self.cfg.train.accum_steps,
+                                    self.precision, self.scaler, self.world, self.no_sync, self.teacher)
+        if not is_compiled(self.model):
+            return run()
+        rng = device_rng_state(self.device)
+        try:
+            return run()
+        except Exception as exc:  # noqa: BLE001 - an error that is not compilation's recurs in the eager run
+            warn_fallback(exc)
+        self.model = self.model._orig_mod
+        self.no_sync = no_sync(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        set_device_rng_state(rng, self.device)
+        return run()
 
     # ------------------------------------------------------------------ the loop
     def loader(self, epoch: int, start_step: int = 0):
