@@ -140,10 +140,16 @@ class HFTextTower(AdapterTower):
                 raise ValueError(f"{type(self.trunk).__name__} does not support gradient checkpointing; "
                                  f"set train.grad_checkpointing false")
             return
-        if enabled:
-            self.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif self.trunk.is_gradient_checkpointing:
-            self.trunk.gradient_checkpointing_disable()
+        trunk = self.trunk
+        if hasattr(trunk, "activation_checkpointing_enable"):  # transformers >= 5 renamed gradient_checkpointing_*
+            if enabled:
+                trunk.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif trunk.is_activation_checkpointing:
+                trunk.activation_checkpointing_disable()
+        elif enabled:
+            trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif trunk.is_gradient_checkpointing:
+            trunk.gradient_checkpointing_disable()
 
     def no_weight_decay(self) -> set[str]:
         """None besides biases and norms."""
