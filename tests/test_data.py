@@ -62,9 +62,9 @@ def test_table_source_errors(tmp_path):
     (tmp_path / "t.csv").write_text("path,text\nx.png,hi\n")
     with pytest.raises(ValueError, match="no column 'image'; columns are path, text. Set data.image_key"):
         TableSource(tmp_path / "t.csv")
-    (tmp_path / "t.parquet").write_text("")
-    with pytest.raises(ValueError, match="unsupported table format '.parquet'"):
-        TableSource(tmp_path / "t.parquet")
+    (tmp_path / "t.xlsx").write_text("")
+    with pytest.raises(ValueError, match="unsupported table format '.xlsx'"):
+        TableSource(tmp_path / "t.xlsx")
 
 
 def test_collate_tokenizes_in_one_call():
