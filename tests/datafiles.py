@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import torch
+from collections import Counter
 from PIL import Image
 
 
@@ -88,3 +89,31 @@ def micro_tokenizer(captions) -> torch.Tensor:
         digits = "".join(ch for ch in c if ch.isdigit())
         out[k, 0] = int(digits) if digits else -1
     return out
+
+
+def build_bad_shards(tmp_path):
+    """Two shards of good samples with one bad sample of every kind planted, one corrupt member header,
+    and a third shard cut short. Returns (spec, good ids, expected Counter of reasons)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    expected, good, samples, i = Counter(), [], [], 0
+    for name, (members, reason) in bad_members(99).items():
+        samples.append((f"x/{i:06d}", good_sample(i)))
+        good.append(i)
+        samples.append((f"x/{i + 1:06d}", members))
+        expected[reason] += 1
+        i += 2
+    half = len(samples) // 2
+    write_tar(tmp_path / "s-0.tar", samples[:half])
+    write_tar(tmp_path / "s-1.tar", samples[half:])
+    # A damaged header: sample 2's image member is lost, so that sample is incomplete.
+    corrupt_member_header(tmp_path / "s-0.tar", "x/000002.jpg")
+    good.remove(2)
+    expected["corrupt_tar_member"] += 1
+    # A shard cut in the middle of its 4th sample: its sizes.json count says 6.
+    write_tar(tmp_path / "s-2.tar", [(f"y/{j:06d}", good_sample(j)) for j in range(100, 106)])
+    data = (tmp_path / "s-2.tar").read_bytes()
+    (tmp_path / "s-2.tar").write_bytes(data[:data.find(b"y/000103.jpg") + 100])
+    n0, n1 = half, len(samples) - half
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-0.tar": n0, "s-1.tar": n1, "s-2.tar": 6}))
+    expected["corrupt_shard"] += 3
+    return f"{tmp_path}/s-{{0..2}}.tar", good, expected, n0 + n1 + 6

@@ -1,6 +1,5 @@
 """WebDataset shards: URL lists, the tar reader, sample counts, the exact split over ranks and
 workers, deterministic order and resume, mixing weights, and bad samples counted by reason."""
-import io
 import json
 import tarfile
 from collections import Counter
@@ -12,7 +11,7 @@ from cliptrain.data.samples import BadSample
 from cliptrain.data.shards import expand_braces, group_samples, iter_tar, parse_sources, shard_sizes
 from cliptrain.data.streaming import ShardSamples, ShardSet, ShardStream, segment_pieces
 from cliptrain.transforms import image_transform
-from datafiles import (bad_members, corrupt_member_header, good_sample, micro_tokenizer, write_shards, write_tar)
+from datafiles import build_bad_shards, micro_tokenizer, write_shards, write_tar
 
 
 @pytest.fixture(autouse=True)
@@ -131,33 +130,6 @@ def test_resampled_mode_is_deterministic_and_sized(tmp_path):
     a, b = epoch_ids(ds, 2, 0, 1, 2), epoch_ids(ds, 2, 0, 1, 2)
     assert a == b and len(a) == 6
     assert epoch_ids(ds, 2, 0, 1, 2, start=3) == a[3:]
-
-
-def build_bad_shards(tmp_path):
-    """Two shards of good samples with one bad sample of every kind planted, one corrupt member header,
-    and a third shard cut short. Returns (spec, good ids, expected Counter of reasons)."""
-    expected, good, samples, i = Counter(), [], [], 0
-    for name, (members, reason) in bad_members(99).items():
-        samples.append((f"x/{i:06d}", good_sample(i)))
-        good.append(i)
-        samples.append((f"x/{i + 1:06d}", members))
-        expected[reason] += 1
-        i += 2
-    half = len(samples) // 2
-    write_tar(tmp_path / "s-0.tar", samples[:half])
-    write_tar(tmp_path / "s-1.tar", samples[half:])
-    # A damaged header: sample 2's image member is lost, so that sample is incomplete.
-    corrupt_member_header(tmp_path / "s-0.tar", "x/000002.jpg")
-    good.remove(2)
-    expected["corrupt_tar_member"] += 1
-    # A shard cut in the middle of its 4th sample: its sizes.json count says 6.
-    write_tar(tmp_path / "s-2.tar", [(f"y/{j:06d}", good_sample(j)) for j in range(100, 106)])
-    data = (tmp_path / "s-2.tar").read_bytes()
-    (tmp_path / "s-2.tar").write_bytes(data[:data.find(b"y/000103.jpg") + 100])
-    n0, n1 = half, len(samples) - half
-    (tmp_path / "sizes.json").write_text(json.dumps({"s-0.tar": n0, "s-1.tar": n1, "s-2.tar": 6}))
-    expected["corrupt_shard"] += 3
-    return f"{tmp_path}/s-{{0..2}}.tar", good, expected, n0 + n1 + 6
 
 
 def test_bad_samples_are_counted_by_reason_and_replaced(tmp_path):
