@@ -3,6 +3,7 @@ in log.jsonl, a run stopped when too many are bad, and exact resume from shards 
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -124,3 +125,30 @@ def test_folder_source_trains(tmp_path):
     assert len(trainer.train_data) == 16
     trainer.fit()
     assert len(log_rows(tmp_path / "run", "train")) == 2
+
+
+def test_data_convert_and_inspect(tmp_path, capsys):
+    d = tmp_path / "src"
+    d.mkdir()
+    lines = ["image,caption"]
+    for i in range(25):
+        Image.new("RGB", (40, 30), (i * 10, 100, 200)).save(d / f"{i}.png")
+        lines.append(f"{i}.png,colour number {i}")
+    lines.append("gone.png,missing")
+    (d / "t.csv").write_text("\n".join(lines))
+    out = tmp_path / "shards"
+    assert main(["data", "convert", str(d / "t.csv"), str(out), "--samples-per-shard", "10", "--resize", "16"]) == 0
+    assert "wrote 25 samples in 3 shards" in capsys.readouterr().out
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-00000.tar": 10, "shard-00001.tar": 10,
+                                                            "shard-00002.tar": 5}
+    from cliptrain.data.streaming import ShardSamples
+    samples = ShardSamples(str(out), log=lambda _: None)
+    image, caption = samples[3]
+    assert caption == "colour number 3" and min(image.size) == 16 and image.format == "JPEG"
+    sheet = tmp_path / "sheet.png"
+    assert main(["data", "inspect", str(d / "t.csv"), "--sheet", str(sheet)]) == 0
+    text = capsys.readouterr().out
+    assert "samples: 26  readable: 25  bad: 1" in text and "missing_file: 1" in text
+    assert "caption length (words):\n     3 " in text
+    with Image.open(sheet) as im:
+        assert im.size == (640, 4 * 204) and len(np.unique(np.asarray(im.convert("L")))) > 10

@@ -186,9 +186,11 @@ class Collate:
 
 
 def make_loader(dataset: PairDataset, tokenizer: Callable, batch_size: int, sampler: EpochSampler,
-                workers: int = 0, pin_memory: bool = False, worker_init_fn: Callable | None = None) -> DataLoader:
-    """A DataLoader of `Batch` in the sampler's order."""
+                workers: int = 0, pin_memory: bool = False, worker_init_fn: Callable | None = None,
+                persistent: bool = False) -> DataLoader:
+    """A DataLoader of `Batch` in the sampler's order. With `persistent`, its worker processes live
+    across iterations (change the sampler's `epoch` / `start` between them)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       collate_fn=Collate(tokenizer, dataset.transform.normalize), num_workers=workers,
-                      pin_memory=pin_memory, drop_last=False, persistent_workers=False,
+                      pin_memory=pin_memory, drop_last=False, persistent_workers=persistent and workers > 0,
                       prefetch_factor=4 if workers else None, worker_init_fn=worker_init_fn if workers else None)

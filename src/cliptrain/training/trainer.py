@@ -64,6 +64,7 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.nonfinite_limit, self.run_dir)
         self.stop = StopSignals()
         self.quality = DataQuality(cfg.data.max_bad_fraction)
+        self._loader = self._sampler = None
         self.meters: dict[str, Meter] = {}
         self.sinks: MetricSinks | None = None
 
@@ -99,10 +100,14 @@ class Trainer:
         if isinstance(self.train_data, ShardStream):
             return self.train_data.loader(epoch, start_step, w.rank, w.world_size, self.cfg.data.workers,
                                           self.device.type == "cuda", ignore_stop_signals)
-        sampler = EpochSampler(len(self.train_data), epoch, self.cfg.train.seed, start_step * bs, bs,
-                               rank=w.rank, world_size=w.world_size)
-        return make_loader(self.train_data, self.tokenizer, bs // w.world_size, sampler, self.cfg.data.workers,
-                           pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+        if self._loader is None:  # one loader for the run: its workers persist across epochs
+            self._sampler = EpochSampler(len(self.train_data), epoch, self.cfg.train.seed, start_step * bs, bs,
+                                         rank=w.rank, world_size=w.world_size)
+            self._loader = make_loader(self.train_data, self.tokenizer, bs // w.world_size, self._sampler,
+                                       self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+                                       worker_init_fn=ignore_stop_signals, persistent=True)
+        self._sampler.epoch, self._sampler.start = epoch, start_step * bs
+        return self._loader
 
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train until the budget (or step `stop_at`, or a SIGTERM / SIGINT) is reached; returns the final
