@@ -163,3 +163,23 @@ def test_pipe_and_file_urls(tmp_path):
     write_shards(tmp_path, [4, 4], sizes_json=True)
     a = stream(f"pipe:cat {tmp_path}/shard-00000.tar::file://{tmp_path}/shard-00001.tar", batch_size=4)
     assert sorted(i for b in epoch_ids(a, 0, 0, 1, 0) for i in b) == list(range(8))
+
+
+def test_http_shards_with_remote_sizes_json(tmp_path):
+    import functools
+    import http.server
+    import threading
+    write_shards(tmp_path / "www", [5, 7], sizes_json=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard-{{00000..00001}}.tar"
+        log = []
+        shards = ShardSet(url, log=log.append)
+        assert shards.sizes == [5, 7] and log == []      # read from the server's sizes.json, nothing counted
+        ds = ShardStream(shards, image_transform(8, True), micro_tokenizer, 4)
+        assert sorted(i for b in epoch_ids(ds, 0, 0, 1, 0) for i in b) == list(range(12))
+    finally:
+        server.shutdown()
