@@ -62,9 +62,9 @@ def test_table_source_errors(tmp_path):
     (tmp_path / "t.csv").write_text("path,text\nx.png,hi\n")
     with pytest.raises(ValueError, match="no column 'image'; columns are path, text. Set data.image_key"):
         TableSource(tmp_path / "t.csv")
-    (tmp_path / "t.parquet").write_text("")
-    with pytest.raises(ValueError, match="unsupported table format '.parquet'"):
-        TableSource(tmp_path / "t.parquet")
+    (tmp_path / "t.xlsx").write_text("")
+    with pytest.raises(ValueError, match="unsupported table format '.xlsx'"):
+        TableSource(tmp_path / "t.xlsx")
 
 
 def test_collate_tokenizes_in_one_call():
@@ -76,3 +76,23 @@ def test_collate_tokenizes_in_one_call():
 
     batch = Collate(tok)([(torch.zeros(3, 2, 2), "a", 5), (torch.ones(3, 2, 2), "b", 9)])
     assert calls == [["a", "b"]] and batch.indices.tolist() == [5, 9] and len(batch) == 2
+
+
+def test_parquet_and_caption_lists(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow reads Parquet tables")
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from cliptrain.data import PairDataset
+    from cliptrain.transforms import image_transform
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "r.png")
+    pq.write_table(pa.table({"image": ["r.png", "r.png"], "caption": [["a red square", "red"], ["crimson"]]}),
+                   tmp_path / "t.parquet")
+    (tmp_path / "t.csv").write_text('image,caption\nr.png,"[""a red square"", ""red""]"\nr.png,plain\n')
+    for name in ("t.parquet", "t.csv"):
+        src = TableSource(tmp_path / name)
+        assert src[0][1] == ["a red square", "red"] and "red" in src.captions
+    ds = PairDataset(TableSource(tmp_path / "t.parquet"), image_transform(8, True), seed=1)
+    drawn = {ds[(epoch, 0)][1] for epoch in range(12)}
+    assert drawn == {"a red square", "red"}                     # one caption per epoch, both used
+    assert ds[(3, 0)][1] == ds[(3, 0)][1]                        # a pure function of (seed, epoch, index)

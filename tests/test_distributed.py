@@ -215,3 +215,23 @@ def test_an_error_on_one_rank_stops_the_other_with_its_message(tmp_path):
     assert all(p.returncode not in (0, None) for p in procs)
     assert f"error: table not found: {tmp_path / 'missing.csv'}" in outs[1]
     assert f"error: stopping because rank 1: FileNotFoundError: table not found: {tmp_path / 'missing.csv'}" in outs[0], outs[0]
+
+
+def test_shards_over_two_processes_count_bad_samples_once(tmp_path):
+    """2 ranks x 2 workers stream the shards: every sample once per epoch, bad ones counted over all ranks."""
+    from collections import Counter
+
+    from datafiles import build_bad_shards
+    spec, _, expected, total = build_bad_shards(tmp_path / "data")
+    batch = total
+    assert total % 2 == 0
+    config = micro_yaml(tmp_path, "shards", data={"train_path": spec, "workers": 2, "max_bad_fraction": 0.6,
+                                                  "max_image_pixels": 100_000},
+                        train={"batch_size": batch, "steps": 2, "log_every": 1, "threads": 1, "tensorboard": False},
+                        eval={"zeroshot": False}, dist={"timeout_s": 60})
+    run(config, 2, timeout=300)
+    rows = [json.loads(line) for line in (tmp_path / "shards" / "log.jsonl").read_text().splitlines()]
+    data = [r for r in rows if r["kind"] == "data"]
+    assert [r["samples"] for r in data] == [batch, batch]
+    for r in data:  # each epoch's counts, summed over both ranks, are exactly the planted ones
+        assert Counter({k[4:]: v for k, v in r.items() if k.startswith("bad_")}) == expected

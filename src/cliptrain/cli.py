@@ -1,4 +1,4 @@
-"""The `cliptrain` command: train, eval, report, tokenizer, models."""
+"""The `cliptrain` command: train, eval, report, data, tokenizer, models."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,10 @@ commands:
        [--retrieval TABLE] [--linear-probe TRAIN [--linear-probe-test TEST]]
         evaluate a checkpoint on its run's validation data, or on the datasets given; writes results.json / .md
   report RUN_DIR [--output DIR]            an HTML page with figures of a run (RUN_DIR/report/index.html)
+  data convert SOURCE OUT_DIR [--samples-per-shard N] [--resize PX] [--quality Q]
+        write a table or image folder as WebDataset shards with sizes.json
+  data inspect SOURCE [--limit N] [--sheet FILE.png]
+        counts, bad samples by reason, caption lengths and a contact sheet of a table, folder or shards
   tokenizer train --input FILE [--output tokenizer.json] [--vocab-size N] [--context-length L]
         learn a byte-level BPE from captions (one per line, or a .csv/.tsv/.jsonl table's caption column)
   models                                   list the built-in model architectures
@@ -190,6 +194,38 @@ def cmd_tokenizer(argv: list[str]) -> int:
     return 0
 
 
+def cmd_data(argv: list[str]) -> int:
+    """`cliptrain data convert | inspect`."""
+    parser = argparse.ArgumentParser(prog="cliptrain data")
+    sub = parser.add_subparsers(dest="action", required=True)
+    conv = sub.add_parser("convert", help="a table or image folder to WebDataset shards")
+    conv.add_argument("source", help="a .csv/.tsv/.jsonl/.parquet table or a folder of images with .txt captions")
+    conv.add_argument("out_dir")
+    conv.add_argument("--samples-per-shard", type=int, default=10_000)
+    conv.add_argument("--resize", type=int, help="resize the shorter side down to this many pixels")
+    conv.add_argument("--quality", type=int, default=95, help="JPEG quality (default: %(default)s)")
+    conv.add_argument("--prefix", default="shard")
+    insp = sub.add_parser("inspect", help="counts, bad samples, caption lengths, a contact sheet")
+    insp.add_argument("source", help="a table, an image folder, or shards")
+    insp.add_argument("--limit", type=int, help="read at most this many samples")
+    insp.add_argument("--sheet", default="contact_sheet.png", help="contact sheet PNG (default: %(default)s)")
+    insp.add_argument("--sheet-samples", type=int, default=16)
+    for p in (conv, insp):
+        p.add_argument("--image-key", default="image")
+        p.add_argument("--caption-key", default="caption")
+    args = parser.parse_args(argv)
+    from cliptrain.data.convert import convert_to_shards, format_inspection, inspect_data
+    if args.action == "convert":
+        done = convert_to_shards(args.source, args.out_dir, args.samples_per_shard, args.resize, args.quality,
+                                 args.prefix, args.image_key, args.caption_key)
+        skipped = ", ".join(f"{n} {r}" for r, n in done["bad"].items()) or "none"
+        print(f"wrote {done['samples']} samples in {done['shards']} shards to {args.out_dir} (skipped: {skipped})")
+        return 0
+    print(format_inspection(inspect_data(args.source, args.limit, args.sheet, args.sheet_samples, args.image_key,
+                                         args.caption_key)))
+    return 0
+
+
 def cmd_models(argv: list[str]) -> int:
     """`cliptrain models`."""
     from cliptrain.models import list_models
@@ -197,8 +233,8 @@ def cmd_models(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "tokenizer": cmd_tokenizer,
-            "models": cmd_models}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "data": cmd_data,
+            "tokenizer": cmd_tokenizer, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,21 +35,52 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Where the image-caption pairs come from."""
-    source: Literal["shapes", "table"] = "shapes"
-    train_path: str | None = None      # table source: CSV / TSV / JSONL file
+    """Where the image-caption pairs come from, and how bad samples are handled."""
+    source: Literal["auto", "shapes", "openmoji", "table", "folder", "shards"] = "auto"
+    train_path: str | None = None       # a table, an image folder, or shards ("a/{000..099}.tar::b/{0..9}.tar")
     val_path: str | None = None
-    image_key: str = "image"            # column with the image path (relative to the table's folder or absolute)
-    caption_key: str = "caption"
-    train_samples: int = 20000          # shapes source: size of the generated splits
+    image_key: str = "image"            # table: image path column (relative to the table's folder or absolute)
+    caption_key: str = "caption"        # table: caption column; shards: the caption field of .json members
+    train_samples: int | None = None    # shapes: training pairs (20000); resampled shards: samples per epoch
     val_samples: int = 1000
+    resampled: bool = False             # shards: draw shards with replacement instead of each sample once per epoch
+    weights: tuple[float, ...] | None = None  # shards: mixing weights of the "::" sources (resampled)
+    shuffle_buffer: int = 1000          # shards: samples held by each stream's shuffle buffer
+    max_bad_fraction: float = 0.05      # stop when more of the training samples than this are bad
+    max_image_pixels: int | None = None  # larger images count as decompression bombs (null: Pillow's limit)
     workers: int = 1                    # dataloader worker processes (0 = load in the main process)
 
     def __post_init__(self):
         _check(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
-        _check(self.train_samples > 0 and self.val_samples > 0, "data.train_samples and data.val_samples must be > 0")
-        if self.source == "table":
-            _check(self.train_path is not None, "data.train_path is required when data.source is 'table'")
+        _check((self.train_samples is None or self.train_samples > 0) and self.val_samples > 0,
+               "data.train_samples and data.val_samples must be > 0")
+        _check(0 <= self.max_bad_fraction <= 1, f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        _check(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        _check(self.weights is None or all(w > 0 for w in self.weights), "data.weights must be positive")
+        if self.source in ("table", "folder", "shards"):
+            _check(self.train_path is not None, f"data.train_path is required when data.source is {self.source!r}")
+
+    def resolved_source(self) -> str:
+        """The source, with "auto" read from train_path: none -> shapes, a table file -> table, shard
+        patterns, .tar files, URLs and folders of .tar files -> shards, other folders -> folder."""
+        if self.source != "auto":
+            return self.source
+        return detect_source(self.train_path)
+
+
+def detect_source(path: str | None) -> str:
+    """The kind of data at `path` (see DataSection.resolved_source)."""
+    import re
+    if path is None:
+        return "shapes"
+    if "::" in path or "{" in path or path.startswith("pipe:") or path.endswith(".tar") or re.match(r"^\w+://", path):
+        return "shards"
+    if Path(path).suffix.lower() in (".csv", ".tsv", ".jsonl", ".parquet"):
+        return "table"
+    if Path(path).is_dir():
+        return "shards" if any(Path(path).glob("*.tar")) else "folder"
+    raise ConfigError(f"data.train_path {path!r}: not a table (.csv .tsv .jsonl .parquet), a folder or shards (.tar); "
+                      f"set data.source")
 
 
 @dataclass

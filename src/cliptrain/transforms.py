@@ -185,13 +185,12 @@ class ImageTransform:
         self.interpolation = interpolation
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
-        if self.train:
-            geometry = [v2.RandomResizedCrop(image_size, scale=self.scale, ratio=self.ratio,
-                                             interpolation=mode, antialias=True)]
-        else:
-            geometry = [v2.Resize(image_size, interpolation=mode, antialias=True),
-                        v2.CenterCrop(image_size)]
-        self.geometry = v2.Compose([*geometry, v2.ToImage()])
+        if self.train:  # on the uint8 tensor: about 1.6x faster than on the PIL image (benchmarks/data.py)
+            self.geometry = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(
+                image_size, scale=self.scale, ratio=self.ratio, interpolation=mode, antialias=True)])
+        else:  # PIL resampling, as the reference CLIP preprocessing does
+            self.geometry = v2.Compose([v2.Resize(image_size, interpolation=mode, antialias=True),
+                                        v2.CenterCrop(image_size), v2.ToImage()])
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
         self._std = torch.tensor(self.std).view(3, 1, 1)
 

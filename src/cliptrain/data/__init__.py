@@ -22,17 +22,22 @@ class PairSource(Protocol):
 
 @dataclass
 class Batch:
-    """A batch of preprocessed images [B, 3, H, W], token ids [B, L] and their source indices [B]."""
+    """A batch of preprocessed images [B, 3, H, W], token ids [B, L] and their source indices [B].
+
+    `bad` lists the (reason, key, detail) of each bad sample whose place a good sample took.
+    """
     images: torch.Tensor
     texts: torch.Tensor
     indices: torch.Tensor
+    bad: tuple = ()
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device: torch.device) -> "Batch":
         nb = device.type == "cuda"
-        return Batch(self.images.to(device, non_blocking=nb), self.texts.to(device, non_blocking=nb), self.indices)
+        return Batch(self.images.to(device, non_blocking=nb), self.texts.to(device, non_blocking=nb), self.indices,
+                     self.bad)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -40,9 +45,29 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2 ** 63)
 
 
+def augment(transform, image, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """`transform.to_uint8(image)` with the random draws of sample `index` in `epoch`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(seed, epoch, index))
+        return transform.to_uint8(image)
+
+
+def pick_caption(caption, seed: int, epoch: int, index: int) -> str:
+    """One caption of an image with several (a list), drawn from (seed, epoch, index); a string as is."""
+    if isinstance(caption, str):
+        return caption
+    return caption[sample_seed(seed, epoch, index) % len(caption)]
+
+
 class PairDataset(Dataset):
     """Crops / resizes a source's images to uint8 tensors; keys are (epoch, index) so augmentation is
-    reproducible. Normalisation happens once per batch, in `Collate`."""
+    reproducible. Normalisation happens once per batch, in `Collate`.
+
+    A bad sample (the source raises BadSample) takes the next good one of the source in its place,
+    so batch shapes never change; the replaced sample is reported with the item.
+    """
+
+    MAX_CONSECUTIVE_BAD = 1000
 
     def __init__(self, source: PairSource, transform: Callable, seed: int = 0):
         self.source, self.transform, self.seed = source, transform, seed
@@ -50,13 +75,62 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str, int, list]:
+        from cliptrain.data.samples import BadSample
         epoch, index = key
-        image, caption = self.source[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            pixels = self.transform.to_uint8(image)
-        return pixels, caption, index
+        bad: list = []
+        for step in range(min(len(self.source), self.MAX_CONSECUTIVE_BAD)):
+            j = (index + step) % len(self.source)
+            try:
+                image, caption = self.source[j]
+                break
+            except BadSample as exc:
+                if step == 0:
+                    bad.append((exc.reason, exc.key, exc.detail))
+        else:
+            raise RuntimeError(f"{len(self.source) if len(self.source) < self.MAX_CONSECUTIVE_BAD else 'too many'} "
+                               f"consecutive bad samples from index {index}; first: {bad[0] if bad else '?'}")
+        pixels = augment(self.transform, image, self.seed, epoch, index)
+        return pixels, pick_caption(caption, self.seed, epoch, index), j, bad
+
+
+class ReadableOnly:
+    """The samples of a source that decode, found by reading each once (for validation sets, where a
+    replaced sample would bias the metrics)."""
+
+    def __init__(self, source: PairSource, keep: list[int]):
+        self.source, self.keep = source, keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, index: int):
+        return self.source[self.keep[index]]
+
+    @property
+    def captions(self) -> list[str]:
+        return getattr(self.source, "captions", [])
+
+
+def readable_only(source: PairSource, name: str = "validation data", log: Callable[[str], None] = print):
+    """`source` restricted to its readable samples; the others are counted by reason and reported."""
+    from collections import Counter
+
+    from cliptrain.data.samples import BadSample
+    keep, bad, examples = [], Counter(), []
+    for i in range(len(source)):
+        try:
+            source[i]
+            keep.append(i)
+        except BadSample as exc:
+            bad[exc.reason] += 1
+            examples.append(str(exc))
+    if bad:
+        reasons = ", ".join(f"{n} {r}" for r, n in bad.most_common())
+        log(f"{name}: skipped {sum(bad.values())} of {len(source)} samples ({reasons}); e.g. {'; '.join(examples[:3])}")
+    if not keep:
+        raise ValueError(f"{name}: none of its {len(source)} samples could be read ({examples[0] if examples else ''})")
+    return source if len(keep) == len(source) else ReadableOnly(source, keep)
 
 
 class EpochSampler(Sampler):
@@ -102,18 +176,21 @@ class Collate:
                  normalize: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.tokenizer, self.normalize = tokenizer, normalize
 
-    def __call__(self, items: list[tuple[torch.Tensor, str, int]]) -> Batch:
-        images, captions, indices = zip(*items)
+    def __call__(self, items: list[tuple]) -> Batch:
+        images, captions, indices = zip(*(item[:3] for item in items))
         pixels = torch.stack(images)
         if self.normalize is not None:
             pixels = self.normalize(pixels)
-        return Batch(pixels, self.tokenizer(list(captions)), torch.tensor(indices))
+        bad = tuple(b for item in items if len(item) > 3 for b in item[3])
+        return Batch(pixels, self.tokenizer(list(captions)), torch.tensor(indices), bad)
 
 
 def make_loader(dataset: PairDataset, tokenizer: Callable, batch_size: int, sampler: EpochSampler,
-                workers: int = 0, pin_memory: bool = False, worker_init_fn: Callable | None = None) -> DataLoader:
-    """A DataLoader of `Batch` in the sampler's order."""
+                workers: int = 0, pin_memory: bool = False, worker_init_fn: Callable | None = None,
+                persistent: bool = False) -> DataLoader:
+    """A DataLoader of `Batch` in the sampler's order. With `persistent`, its worker processes live
+    across iterations (change the sampler's `epoch` / `start` between them)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       collate_fn=Collate(tokenizer, dataset.transform.normalize), num_workers=workers,
-                      pin_memory=pin_memory, drop_last=False, persistent_workers=False,
+                      pin_memory=pin_memory, drop_last=False, persistent_workers=persistent and workers > 0,
                       prefetch_factor=4 if workers else None, worker_init_fn=worker_init_fn if workers else None)

@@ -9,10 +9,11 @@ from typing import Callable
 import torch
 import yaml
 
-from cliptrain.config import ConfigError, RunConfig, flatten, from_dict, save_config, to_dict
-from cliptrain.data import PairDataset
+from cliptrain.config import ConfigError, RunConfig, detect_source, flatten, from_dict, save_config, to_dict
+from cliptrain.data import PairDataset, readable_only
 from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDataset
-from cliptrain.data.tables import TableSource
+from cliptrain.data.streaming import ShardSamples, ShardSet, ShardStream
+from cliptrain.data.tables import FolderSource, TableSource
 from cliptrain.distributed import World, broadcast_object
 from cliptrain.evaluation.evaluate import EvalSet
 from cliptrain.models import CLIP, create_model
@@ -24,6 +25,8 @@ from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import check_output_dir, checkpoint_size
 from cliptrain.training.trainer import Trainer
 from cliptrain.transforms import image_transform
+
+SHAPES_TRAIN_SAMPLES = 20000  # the built-in training split when data.train_samples is unset
 
 
 def resolve_run_dir(cfg: RunConfig) -> Path:
@@ -63,20 +66,52 @@ def build_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]], model_cfg
     return tok
 
 
-def build_sources(cfg: RunConfig, image_size: int, train: bool = True):
-    """(train source or None, val source or None, zero-shot kwargs for EvalSet) for the configured data."""
+def build_sources(cfg: RunConfig, image_size: int, train: bool = True, log: Callable[[str], None] = print):
+    """(train source or None, val source or None, zero-shot kwargs for EvalSet) for the configured data.
+
+    The train source is a ShardSet for shards (streamed), else an indexable source; the validation
+    source is indexable and holds only the samples that decode (the others are reported here).
+    """
     d = cfg.data
-    if d.source == "shapes":
-        train_src = ShapesDataset("train", d.train_samples, image_size, cfg.train.seed) if train else None
+    kind = d.resolved_source()
+    if kind == "shapes":
+        n_train = d.train_samples or SHAPES_TRAIN_SAMPLES
+        train_src = ShapesDataset("train", n_train, image_size, cfg.train.seed) if train else None
         val = ShapesDataset("val", d.val_samples, image_size, cfg.train.seed)
         labels = val.labels
         held = {f"{c} {s}" for c, s in HELD_OUT}
         heldout = [i for i, y in enumerate(labels) if CLASS_NAMES[y] in held]
         zs = {"labels": labels, "class_names": CLASS_NAMES, "templates": TEMPLATES, "groups": {"heldout": heldout}}
         return train_src, val, zs
-    train_src = TableSource(d.train_path, d.image_key, d.caption_key) if train else None
-    val = TableSource(d.val_path, d.image_key, d.caption_key) if d.val_path else None
+    train_src = open_source(kind, d.train_path, cfg, train=True, log=log) if train else None
+    val = None
+    if d.val_path:
+        val_kind = detect_source(d.val_path) if d.source == "auto" else kind
+        val = readable_only(open_source(val_kind, d.val_path, cfg, train=False, log=log), d.val_path, log)
     return train_src, val, {}
+
+
+def open_source(kind: str, path: str, cfg: RunConfig, train: bool, log: Callable[[str], None] = print):
+    """The pairs at `path`: a table, an image folder, or shards (a ShardSet to stream when `train`)."""
+    d = cfg.data
+    if kind == "table":
+        return TableSource(path, d.image_key, d.caption_key, d.max_image_pixels)
+    if kind == "folder":
+        return FolderSource(path, d.max_image_pixels)
+    if kind == "shards":
+        if train:
+            return ShardSet(path, d.weights, log=log)
+        return ShardSamples(path, d.caption_key, d.max_image_pixels, log=log)
+    raise ConfigError(f"data.source {kind!r} has no data at a path")
+
+
+def build_train_data(cfg: RunConfig, source, transform, tokenizer: Tokenizer) -> PairDataset | ShardStream:
+    """What the trainer draws batches from: a PairDataset over an indexable source, or a ShardStream."""
+    d = cfg.data
+    if isinstance(source, ShardSet):
+        return ShardStream(source, transform, tokenizer, cfg.train.batch_size, cfg.train.seed, d.resampled,
+                           d.train_samples, d.shuffle_buffer, d.caption_key, d.max_image_pixels)
+    return PairDataset(source, transform, cfg.train.seed)
 
 
 def build_evalset(cfg: RunConfig, val_source, zeroshot: dict, image_size: int) -> EvalSet | None:
@@ -88,8 +123,10 @@ def build_evalset(cfg: RunConfig, val_source, zeroshot: dict, image_size: int) -
     return EvalSet(PairDataset(val_source, transform, cfg.train.seed), **zeroshot)
 
 
-def source_captions(source) -> list[str]:
-    """Every caption of a source (for learning a tokenizer)."""
+def source_captions(source, caption_key: str = "caption") -> list[str]:
+    """Every caption of a source (for learning a tokenizer; the first 200k of shards)."""
+    if isinstance(source, ShardSet):
+        return source.captions(caption_key)
     if hasattr(source, "captions") and isinstance(source.captions, list):
         return source.captions
     return [source.caption(i) for i in range(len(source))]
@@ -130,7 +167,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     torch.manual_seed(cfg.train.seed)
     model_cfg = _model_config(cfg, resume)
     size = model_cfg.vision.image_size
-    train_src, val_src, zs = build_sources(cfg, size)
+    train_src, val_src, zs = build_sources(cfg, size, log=print if world.is_main else (lambda _: None))
     teacher = load_teacher(cfg.distill.teacher, model_cfg) if cfg.distill.teacher else None
     if resume is not None:
         tokenizer = Tokenizer.load(resume / "tokenizer.json")
@@ -138,7 +175,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         teacher_tokens = dataclasses.replace(cfg.tokenizer, path=str(Path(cfg.distill.teacher) / "tokenizer.json"))
         tokenizer = build_tokenizer(dataclasses.replace(cfg, tokenizer=teacher_tokens), list, model_cfg)
     else:
-        tokenizer = build_tokenizer(cfg, lambda: source_captions(train_src), model_cfg)
+        tokenizer = build_tokenizer(cfg, lambda: source_captions(train_src, cfg.data.caption_key), model_cfg)
     model = create_model(model_cfg, pretrained=resume is None,  # resuming: the checkpoint has the weights
                          text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
     if resume is not None and not (resume / ckpt.SHARDED).is_dir():  # sharded: loaded after wrapping
@@ -146,8 +183,8 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     cfg = preprocessing_from_model(cfg, model)
     torch.manual_seed(cfg.train.seed + 1_000_003 * world.rank)  # step-time randomness differs per rank
     a = cfg.augment
-    train_data = PairDataset(train_src, image_transform(size, True, a.mean, a.std, a.interpolation, a.scale),
-                             cfg.train.seed)
+    train_data = build_train_data(cfg, train_src, image_transform(size, True, a.mean, a.std, a.interpolation,
+                                                                   a.scale), tokenizer)
     if world.is_main:
         check_output_dir(run_dir, checkpoint_size(model))
         save_config(cfg, run_dir / "config.yaml")

@@ -12,6 +12,8 @@ from torch import nn
 from cliptrain.config import RunConfig, to_dict
 from cliptrain.distributed import World, barrier
 from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader
+from cliptrain.data.quality import DataQuality
+from cliptrain.data.streaming import ShardStream
 from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
 from cliptrain.logging import Meter, MetricSinks, truncate_log
 from cliptrain.losses import DistillLoss, build_objective
@@ -29,7 +31,7 @@ from cliptrain.training.step import device_rng_state, forward_backward, set_devi
 class Trainer:
     """Trains `model` on `train_data` as configured, evaluating on `evalset` and saving to `run_dir`."""
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer, train_data: PairDataset,
+    def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer, train_data: PairDataset | ShardStream,
                  evalset: EvalSet | None, run_dir: str | Path, world: World | None = None,
                  teacher: nn.Module | None = None):
         self.cfg, self.tokenizer, self.train_data, self.evalset = cfg, tokenizer, train_data, evalset
@@ -62,6 +64,8 @@ class Trainer:
         self.step = 0
         self.guard = NonFiniteGuard(cfg.train.nonfinite_limit, self.run_dir)
         self.stop = StopSignals()
+        self.quality = DataQuality(cfg.data.max_bad_fraction)
+        self._loader = self._sampler = None
         self.meters: dict[str, Meter] = {}
         self.sinks: MetricSinks | None = None
 
@@ -113,10 +117,17 @@ class Trainer:
     def loader(self, epoch: int, start_step: int = 0):
         """Training batches of `epoch`, starting at its `start_step`-th batch."""
         bs, w = self.cfg.train.batch_size, self.world
-        sampler = EpochSampler(len(self.train_data), epoch, self.cfg.train.seed, start_step * bs, bs,
-                               rank=w.rank, world_size=w.world_size)
-        return make_loader(self.train_data, self.tokenizer, bs // w.world_size, sampler, self.cfg.data.workers,
-                           pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+        if isinstance(self.train_data, ShardStream):
+            return self.train_data.loader(epoch, start_step, w.rank, w.world_size, self.cfg.data.workers,
+                                          self.device.type == "cuda", ignore_stop_signals)
+        if self._loader is None:  # one loader for the run: its workers persist across epochs
+            self._sampler = EpochSampler(len(self.train_data), epoch, self.cfg.train.seed, start_step * bs, bs,
+                                         rank=w.rank, world_size=w.world_size)
+            self._loader = make_loader(self.train_data, self.tokenizer, bs // w.world_size, self._sampler,
+                                       self.cfg.data.workers, pin_memory=self.device.type == "cuda",
+                                       worker_init_fn=ignore_stop_signals, persistent=True)
+        self._sampler.epoch, self._sampler.start = epoch, start_step * bs
+        return self._loader
 
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train until the budget (or step `stop_at`, or a SIGTERM / SIGINT) is reached; returns the final
@@ -131,6 +142,8 @@ class Trainer:
                     epoch, start = divmod(self.step, self.steps_per_epoch)
                     self._run_epoch(epoch, start, stop, progress)
                     at_epoch_end = self.step % self.steps_per_epoch == 0
+                    if at_epoch_end:
+                        self._end_data_epoch(epoch)
                     every = self.cfg.eval.every_epochs
                     if (at_epoch_end and every and (epoch + 1) % every == 0 and self.step < self.total_steps
                             and not self.stop.received):
@@ -140,6 +153,8 @@ class Trainer:
             if self.stop.received:
                 self.say(f"stopped at step {self.step}; checkpoint saved; continue with --resume latest")
             elif self.step >= self.total_steps:
+                if self.quality.bad_count(self.quality.run):
+                    self.say(self.quality.summary("run"))
                 results = self.run_eval(final=True)
         finally:
             if progress is not None:
@@ -153,15 +168,28 @@ class Trainer:
         for batch in self.loader(epoch, start):
             t_step = time.perf_counter()
             self._update_meters(self.train_step(batch), len(batch), t_step - t_data, time.perf_counter() - t_step)
+            for line in self.quality.add(len(batch), batch.bad):
+                print(f"[rank {self.world.rank}] {line}" if self.world.distributed else line, flush=True)
             if progress is not None:
                 progress.update(1)
             if self.step % self.cfg.train.log_every == 0 or self.step == stop:
+                self.quality.sync()  # every rank logs at the same steps
+                self.quality.check()
                 self._log_train(progress)
             if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
                 self.save()
             if self.step >= stop or self.stop.received:
                 return
             t_data = time.perf_counter()
+
+    def _end_data_epoch(self, epoch: int) -> None:
+        """Summarise the epoch's bad samples (and stop if there were too many)."""
+        self.quality.sync()
+        if self.quality.bad_count(self.quality.epoch):
+            self.say(f"epoch {epoch}: {self.quality.summary('epoch')}")
+        self.record("data", {"epoch": epoch + 1, **self.quality.metrics("epoch")})
+        self.quality.check(end_of_epoch=True)
+        self.quality.new_epoch()
 
     # ------------------------------------------------------------------ metrics
     def _update_meters(self, losses: dict[str, torch.Tensor], n: int, data_time: float, step_time: float) -> None:
@@ -236,12 +264,17 @@ class Trainer:
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         return {"step": self.step, "epoch": epoch, "batch_in_epoch": in_epoch,
                 "samples_in_epoch": in_epoch * self.cfg.train.batch_size, "total_steps": self.total_steps,
-                "precision": self.precision, "rng": ckpt.rng_state(), "data_order": self._data_order()}
+                "precision": self.precision, "rng": ckpt.rng_state(), "data_order": self._data_order(),
+                "data_layout": self._data_layout(), "data_quality": self.quality.state_dict()}
 
     def _data_order(self) -> dict:
         """What the sample order depends on; a resume must match it to continue exactly."""
         return {"seed": self.cfg.train.seed, "train_samples": len(self.train_data),
                 "batch_size": self.cfg.train.batch_size}
+
+    def _data_layout(self) -> dict:
+        """The split of shard streams over processes and workers (the table order does not depend on it)."""
+        return {"world_size": self.world.world_size, "streams": max(1, self.cfg.data.workers)}
 
     def config_yaml(self) -> str:
         """The run config with the model architecture written out in full."""
@@ -254,6 +287,7 @@ class Trainer:
         """Write a checkpoint for the current step and prune old ones; a failed write stops the run with
         a message naming the last good checkpoint."""
         path = ckpt.checkpoint_dir(self.run_dir, self.step)
+        self.quality.sync()  # every rank saves; state.json then holds the counts of all ranks
         sharded = self.cfg.dist.checkpoint == "sharded" and is_fsdp(self.model)
         if sharded:  # every rank writes its shards into the staging directory
             staging = ckpt.staging_dir(path)
@@ -296,6 +330,12 @@ class Trainer:
             raise ValueError(f"cannot resume {path} exactly: the data order changed ({'; '.join(changed)}). "
                              f"Resume with the run's train.seed, train.batch_size and training data.")
         self.step = state["step"]
+        self.quality.load_state_dict(state.get("data_quality", {}))
+        layout = state.get("data_layout", self._data_layout())
+        if isinstance(self.train_data, ShardStream) and state["batch_in_epoch"] and layout != self._data_layout():
+            self.say(f"warning: the shard streams were split as {layout} and now as {self._data_layout()}: the rest "
+                     f"of epoch {state['epoch']} follows the new split, so some of its samples may repeat or be "
+                     f"missed; later epochs are exact. Resume with the same processes and data.workers to avoid this.")
         if state["total_steps"] != self.total_steps:
             self.say(f"note: the schedule length changed from {state['total_steps']} to {self.total_steps} steps; "
                   f"the learning rate at step {self.step} is now "
