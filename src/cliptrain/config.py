@@ -36,7 +36,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     """Where the image-caption pairs come from."""
-    source: Literal["shapes", "table"] = "shapes"
+    source: Literal["shapes", "table", "openmoji"] = "shapes"
     train_path: str | None = None      # table source: CSV / TSV / JSONL file
     val_path: str | None = None
     image_key: str = "image"            # column with the image path (relative to the table's folder or absolute)

@@ -71,6 +71,10 @@ def build_sources(cfg: RunConfig, image_size: int, train: bool = True):
         heldout = [i for i, y in enumerate(labels) if CLASS_NAMES[y] in held]
         zs = {"labels": labels, "class_names": CLASS_NAMES, "templates": TEMPLATES, "groups": {"heldout": heldout}}
         return train_src, val, zs
+    if d.source == "openmoji":  # every emoji once; its own split, sizes and zero-shot classes
+        from cliptrain.data.openmoji import OpenmojiSource
+        val = OpenmojiSource("val", cfg.train.seed)
+        return OpenmojiSource("train", cfg.train.seed) if train else None, val, val.zeroshot()
     train_src = TableSource(d.train_path, d.image_key, d.caption_key) if train else None
     val = TableSource(d.val_path, d.image_key, d.caption_key) if d.val_path else None
     return train_src, val, {}
