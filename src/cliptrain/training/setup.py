@@ -83,6 +83,10 @@ def build_sources(cfg: RunConfig, image_size: int, train: bool = True, log: Call
         heldout = [i for i, y in enumerate(labels) if CLASS_NAMES[y] in held]
         zs = {"labels": labels, "class_names": CLASS_NAMES, "templates": TEMPLATES, "groups": {"heldout": heldout}}
         return train_src, val, zs
+    if kind == "openmoji":  # every emoji once; its own split, sizes and zero-shot classes
+        from cliptrain.data.openmoji import OpenmojiSource
+        val = OpenmojiSource("val", cfg.train.seed)
+        return OpenmojiSource("train", cfg.train.seed) if train else None, val, val.zeroshot()
     train_src = open_source(kind, d.train_path, cfg, train=True, log=log) if train else None
     val = None
     if d.val_path:
