@@ -132,7 +132,7 @@ def _eval_datasets(args, model, tokenizer, cfg, device) -> dict[str, float]:
 
     a = cfg.augment
     ctx = tasks.EvalContext(model, tokenizer, image_transform(model.cfg.vision.image_size, False, a.mean, a.std,
-                                                              a.interpolation),
+                                                              a.interpolation, resize_mode=a.resize_mode),
                             device, resolve_precision(cfg.train.precision, device),
                             args.batch_size or cfg.eval.batch_size,
                             cfg.data.workers if args.workers is None else args.workers)

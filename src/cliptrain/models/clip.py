@@ -33,8 +33,8 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.activation)
+        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation, cfg.norm_eps)
+        self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.activation, cfg.norm_eps)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = (nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
                            if cfg.init_logit_bias is not None else None)
@@ -56,12 +56,14 @@ class CLIP(nn.Module):
     def lock_image_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the image tower (LiT), leaving its last `unlocked_layers` blocks, final norm and projection
         trainable when `unlocked_layers` > 0."""
-        _lock(self.visual, self.visual.transformer.blocks, (self.visual.ln_post, self.visual.proj), unlocked_layers)
+        head = (self.visual.ln_post, self.visual.map_head, self.visual.proj)
+        _lock(self.visual, self.visual.transformer.blocks, head, unlocked_layers)
 
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the text tower, leaving its last `unlocked_layers` blocks, final norm and projection trainable
         when `unlocked_layers` > 0."""
-        _lock(self.text, self.text.transformer.blocks, (self.text.ln_final, self.text.text_projection), unlocked_layers)
+        head = (self.text.ln_final, self.text.text_projection, self.text.text_projection_bias)
+        _lock(self.text, self.text.transformer.blocks, head, unlocked_layers)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each transformer block's activations in backward (less memory, about 1/3 more compute)."""
@@ -71,7 +73,7 @@ class CLIP(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters excluded from weight decay besides biases and norms."""
         names = {"logit_scale", "logit_bias"}
-        names |= {f"visual.{n}" for n in VisionTransformer.no_weight_decay}
+        names |= {f"visual.{n}" for n in VisionTransformer.no_weight_decay} | {"visual.map_head.probe"}
         names |= {f"text.{n}" for n in TextTransformer.no_weight_decay}
         return names
 
@@ -87,4 +89,5 @@ def _lock(tower: nn.Module, blocks: nn.ModuleList, head: tuple, unlocked_layers:
     tower.requires_grad_(False)
     if unlocked_layers:
         for module in (*blocks[len(blocks) - unlocked_layers:], *head):
-            module.requires_grad_(True)
+            if module is not None:
+                module.requires_grad_(True)

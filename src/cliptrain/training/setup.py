@@ -81,7 +81,7 @@ def build_evalset(cfg: RunConfig, val_source, zeroshot: dict, image_size: int) -
     if val_source is None:
         return None
     a = cfg.augment
-    transform = image_transform(image_size, False, a.mean, a.std, a.interpolation)
+    transform = image_transform(image_size, False, a.mean, a.std, a.interpolation, resize_mode=a.resize_mode)
     return EvalSet(PairDataset(val_source, transform, cfg.train.seed), **zeroshot)
 
 
