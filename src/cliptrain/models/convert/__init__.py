@@ -58,8 +58,11 @@ class Imported:
     activation_known: bool = True       # False: a bare state dict that does not record its activation
 
     def model(self, config: CLIPConfig | None = None) -> CLIP:
-        """The cliptrain model with the imported weights (strict: every weight must fit)."""
-        model = CLIP(config or self.config)
+        """The cliptrain model with the imported weights, in eval mode (strict: every weight must fit)."""
+        return self.load_into(CLIP(config or self.config)).eval()
+
+    def load_into(self, model: CLIP) -> CLIP:
+        """Copy the imported weights into `model`; a clear error names the weights that do not fit."""
         own = model.state_dict()
         bad = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in self.state_dict.items()
                if k in own and own[k].shape != v.shape]
@@ -68,7 +71,7 @@ class Imported:
             raise ValueError(f"the {self.source} weights do not fit the architecture: "
                              f"{'; '.join(bad[:4] + [f'missing {m}' for m in missing[:4]] + [f'unexpected {e}' for e in extra[:4]])}")
         model.load_state_dict(self.state_dict)
-        return model.eval()
+        return model
 
 
 # ------------------------------------------------------------------------------------------ import
