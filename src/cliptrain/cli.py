@@ -1,4 +1,4 @@
-"""The `cliptrain` command: train, eval, report, tokenizer, models."""
+"""The `cliptrain` command: train, eval, report, tokenizer, models, export, embed."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,10 @@ commands:
   tokenizer train --input FILE [--output tokenizer.json] [--vocab-size N] [--context-length L]
         learn a byte-level BPE from captions (one per line, or a .csv/.tsv/.jsonl table's caption column)
   models                                   list the built-in model architectures
+  export --checkpoint PATH --format open_clip|hf --out DIR
+        write a checkpoint (or any importable weights) as an open_clip or Hugging Face CLIPModel directory
+  embed --checkpoint PATH (--images TABLE_OR_FOLDER | --texts FILE) --out FILE.npy|FILE.parquet
+        image or text embeddings of a checkpoint, open_clip / OpenAI file or Hugging Face directory
 """
 
 
@@ -197,8 +201,59 @@ def cmd_models(argv: list[str]) -> int:
     return 0
 
 
+def _weights_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, an open_clip / OpenAI "
+                        "state dict file, an open_clip or Hugging Face directory, or a hub id")
+    parser.add_argument("--name", help="architecture of a bare state dict file (e.g. ViT-B-32-quickgelu, vit-b-32)")
+    parser.add_argument("--tokenizer", help="CLIP merges file or tokenizer.json, for weights without a tokenizer")
+
+
+def cmd_export(argv: list[str]) -> int:
+    """`cliptrain export`."""
+    parser = argparse.ArgumentParser(prog="cliptrain export", description=(
+        "Write a model as an open_clip directory (open_clip_config.json, NAME.json, open_clip_model.safetensors) "
+        "or a Hugging Face CLIPModel directory (config.json, model.safetensors, tokenizer files)."))
+    _weights_args(parser)
+    parser.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--model-name", default="cliptrain-export",
+                        help="open_clip: name of the model config file NAME.json (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from cliptrain.models.convert import export_hf, export_open_clip, import_pretrained
+
+    imported = import_pretrained(args.checkpoint, args.name, args.tokenizer)
+    model = imported.model()
+    if args.format == "open_clip":
+        out = export_open_clip(model, imported.tokenizer, imported.preprocess, args.out, args.model_name)
+    else:
+        out = export_hf(model, imported.tokenizer, imported.preprocess, args.out)
+    print(f"exported {imported.source} weights as {args.format} to {out}")
+    return 0
+
+
+def cmd_embed(argv: list[str]) -> int:
+    """`cliptrain embed`."""
+    parser = argparse.ArgumentParser(prog="cliptrain embed", description=(
+        "Write L2-normalised embeddings: .npy (float32 [N, D], rows in input order, unreadable images skipped) "
+        "or .parquet (columns image|text and embedding; needs pyarrow)."))
+    _weights_args(parser)
+    parser.add_argument("--images", help="a folder of images (recursive) or a CSV / TSV / JSONL table")
+    parser.add_argument("--texts", help="a text file (one text per line) or a table")
+    parser.add_argument("--out", required=True, help="FILE.npy or FILE.parquet")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-key", help="image column of a table (default: image, path, filepath, ...)")
+    parser.add_argument("--caption-key", default="caption", help="text column of a table (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from cliptrain.embed import run_embed
+
+    n = run_embed(args.checkpoint, args.images, args.texts, args.out, args.batch_size, args.image_key,
+                  args.caption_key, args.name, args.tokenizer)
+    print(f"wrote {n} embeddings to {args.out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "tokenizer": cmd_tokenizer,
-            "models": cmd_models}
+            "models": cmd_models, "export": cmd_export, "embed": cmd_embed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+    except (ConfigError, OSError, ValueError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
