@@ -284,7 +284,8 @@ def test_checkpoint_config_without_the_new_model_fields_still_loads(tmp_path):
     from cliptrain.training import checkpoint as ckpt
     from conftest import MICRO_ARCH
 
-    model = CLIP(from_dict(CLIPConfig, {**MICRO_ARCH}))
+    from cliptrain.models import create_model
+    model = create_model("tiny", **MICRO_ARCH)
     arch = to_dict(model.cfg)
     for key in ("activation", "norm_eps"):
         del arch[key]
@@ -294,5 +295,5 @@ def test_checkpoint_config_without_the_new_model_fields_still_loads(tmp_path):
         del arch["text"][key]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "tiny", "arch": arch}}))
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
-    ckpt.load_model_weights(CLIP(from_dict(CLIPConfig, MICRO_ARCH)), tmp_path)
+    ckpt.load_model_weights(create_model("tiny", **MICRO_ARCH), tmp_path)
     assert to_dict(import_pretrained(tmp_path).config) == to_dict(model.cfg)
