@@ -64,7 +64,8 @@ def cmd_eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cliptrain eval", description=(
         "Evaluate a checkpoint. With no dataset option, on its run's validation data; otherwise on the "
         "datasets given (each option adds one task)."))
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N), or "
+                        "open_clip / OpenAI / Hugging Face weights (evaluated with the default run config's data)")
     parser.add_argument("--output", help="where to write results.json / results.md (default: the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
     parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
@@ -96,7 +97,12 @@ def cmd_eval(argv: list[str]) -> int:
     from cliptrain.training.setup import load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
+    if (Path(args.checkpoint) / "config.yaml").is_file():
+        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
+    else:   # open_clip / OpenAI / Hugging Face weights: evaluated with the default run config's data
+        model, tokenizer, cfg = _imported(args.checkpoint, device)
+        args.output = args.output or str(Path(args.checkpoint) if Path(args.checkpoint).is_dir()
+                                          else Path(args.checkpoint).parent)
     if args.zeroshot or args.retrieval or args.linear_probe:
         results = _eval_datasets(args, model, tokenizer, cfg, device)
     elif args.linear_probe_test or args.classnames:
@@ -108,6 +114,22 @@ def cmd_eval(argv: list[str]) -> int:
     write_results(results, args.output or args.checkpoint, title)
     print(format_table(results, title))
     return 0
+
+
+def _imported(path: str, device):
+    """(model, tokenizer, run config) for weights of another format (see cliptrain.models.convert)."""
+    from cliptrain.config import AugmentSection, ModelSection, RunConfig
+    from cliptrain.models.convert import import_pretrained
+
+    imported = import_pretrained(path)
+    if imported.tokenizer is None:
+        raise ConfigError(f"{path} comes without a tokenizer; put OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz or a "
+                          "tokenizer.json next to the weights")
+    p = imported.preprocess
+    augment = AugmentSection(mean=tuple(p.mean), std=tuple(p.std), interpolation=p.interpolation,
+                             resize_mode=p.resize_mode)
+    cfg = RunConfig(model=ModelSection(name=Path(path).name), augment=augment)
+    return imported.model().to(device), imported.tokenizer, cfg
 
 
 def _eval_validation(args, model, tokenizer, cfg, device) -> dict[str, float]:
