@@ -297,3 +297,21 @@ def test_checkpoint_config_without_the_new_model_fields_still_loads(tmp_path):
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
     ckpt.load_model_weights(create_model("tiny", **MICRO_ARCH), tmp_path)
     assert to_dict(import_pretrained(tmp_path).config) == to_dict(model.cfg)
+
+
+def test_hf_export_with_the_clip_bpe_tokenizer_runs_end_to_end_in_transformers(tmp_path, clip_bpe_path):
+    transformers = transformers_module()
+    tok = load_clip_bpe(clip_bpe_path, context_length=16)
+    arch = {"embed_dim": 32, "vision": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "heads": 2},
+            "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}, "activation": "quick_gelu"}
+    ours = CLIP(from_dict(CLIPConfig, arch)).eval()
+    export_hf(ours, tok, Preprocess(32), tmp_path)
+    model = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+    hf_tok = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    texts = ["a photo of a cat", "Two DOGS playing in the snow"]
+    ids = hf_tok(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, tok(texts))
+    with torch.no_grad():
+        assert_close(features(model.get_text_features(input_ids=ids)), ours.encode_text(tok(texts), False))
+    again = import_pretrained(tmp_path)
+    assert again.tokenizer.is_clip_bpe and torch.equal(again.tokenizer(texts), tok(texts))
