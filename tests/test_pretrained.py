@@ -87,3 +87,15 @@ def test_embed_writes_npy_and_parquet(trained, tmp_path, capsys):
     assert table["text"] == ["a red circle", "a blue square"] and len(table["embedding"][0]) == 32
     assert main(["embed", "--checkpoint", str(last), "--texts", "x.txt", "--images", "y",
                  "--out", "z.npy"]) == 2
+
+
+def test_squash_resize_keeps_the_whole_image_and_shortest_crops_the_centre():
+    from cliptrain.transforms import image_transform
+    wide = Image.new("RGB", (96, 32), "green")
+    wide.paste((255, 0, 0), (0, 0, 32, 32))
+    squash = image_transform(32, False, resize_mode="squash").to_uint8(wide)
+    crop = image_transform(32, False).to_uint8(wide)
+    assert squash.shape == crop.shape == (3, 32, 32)
+    assert squash[0, 16, 2] > 200 and crop[0, 16, 2] < 50          # red survives only the squash
+    with pytest.raises(ValueError, match="unknown resize_mode"):
+        image_transform(32, False, resize_mode="longest")

@@ -82,7 +82,8 @@ def resolve_path(spec: str | Path) -> Path:
     hub = text[len("hf-hub:"):] if text.startswith("hf-hub:") else None
     if hub is None and Path(text).exists():
         return Path(text)
-    if hub is None and (text.count("/") != 1 or text.startswith((".", "/"))):
+    looks_local = text.startswith((".", "/", "~")) or Path(text).suffix in (".pt", ".pth", ".bin", ".safetensors")
+    if hub is None and (text.count("/") != 1 or looks_local):
         raise FileNotFoundError(f"pretrained weights not found: {text} is neither a file, a directory nor a "
                                 "hub id (org/name)")
     try:
