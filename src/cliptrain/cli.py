@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def cmd_eval(argv: list[str]) -> int:
     parser.add_argument("--output", help="where to write results.json / results.md (default: the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
     parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="default: the run's train.precision; fp32 for weights of another format")
     g = parser.add_argument_group("zero-shot classification")
     g.add_argument("--zeroshot", metavar="DIR_OR_TABLE", help="a folder of class folders, or a (path, label) table")
     g.add_argument("--classnames", metavar="FILE_OR_NAME",
@@ -103,6 +106,8 @@ def cmd_eval(argv: list[str]) -> int:
         model, tokenizer, cfg = _imported(args.checkpoint, device)
         args.output = args.output or str(Path(args.checkpoint) if Path(args.checkpoint).is_dir()
                                           else Path(args.checkpoint).parent)
+    if args.precision:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=args.precision))
     if args.zeroshot or args.retrieval or args.linear_probe:
         results = _eval_datasets(args, model, tokenizer, cfg, device)
     elif args.linear_probe_test or args.classnames:
@@ -118,7 +123,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 def _imported(path: str, device):
     """(model, tokenizer, run config) for weights of another format (see cliptrain.models.convert)."""
-    from cliptrain.config import AugmentSection, ModelSection, RunConfig
+    from cliptrain.config import AugmentSection, ModelSection, RunConfig, TrainSection
     from cliptrain.models.convert import import_pretrained
 
     imported = import_pretrained(path)
@@ -128,7 +133,7 @@ def _imported(path: str, device):
     p = imported.preprocess
     augment = AugmentSection(mean=tuple(p.mean), std=tuple(p.std), interpolation=p.interpolation,
                              resize_mode=p.resize_mode)
-    cfg = RunConfig(model=ModelSection(name=Path(path).name), augment=augment)
+    cfg = RunConfig(model=ModelSection(name=Path(path).name), augment=augment, train=TrainSection(precision="fp32"))
     return imported.model().to(device), imported.tokenizer, cfg
 
 
