@@ -104,6 +104,15 @@ def test_openai_layout_is_read_from_its_shapes_and_is_quickgelu(tmp_path):
     compare_open_clip(theirs, imported.model())
 
 
+@pytest.mark.slow
+def test_openai_torchscript_archive_is_read_with_torch_jit(tmp_path):
+    theirs = open_clip_model(OPENAI_OC, quick_gelu=True)
+    torch.jit.save(torch.jit.script(theirs), str(tmp_path / "ViT-tiny.pt"))   # like OpenAI's released files
+    imported = import_pretrained(tmp_path / "ViT-tiny.pt")
+    assert (imported.source, imported.config.activation) == ("OpenAI CLIP", "quick_gelu")
+    compare_open_clip(theirs, imported.model())
+
+
 def test_open_clip_names_map_to_the_same_architectures():
     open_clip = open_clip_module()
     for name, (ours, activation) in oc_format.OPEN_CLIP_NAMES.items():
@@ -204,6 +213,10 @@ def test_hf_siglip_directory_imports_with_identical_embeddings(tmp_path):
     assert ids.shape == (2, 16) and ids[0, :3].tolist() == [3, 4, 1] and ids[0, 3:].eq(tok.pad_id).all()
     with pytest.raises(ValueError, match="cannot store"):
         tok.save(tmp_path / "tokenizer.json")
+    from cliptrain.config import load_config
+    from cliptrain.training.setup import from_pretrained
+    with pytest.raises(ConfigError, match="SentencePiece tokenizer .SigLIP., which cliptrain checkpoints cannot store"):
+        from_pretrained(load_config(None, {"model": {"pretrained": str(tmp_path / "siglip")}}), print)
 
 
 def write_sentencepiece_like_tokenizer(directory: Path):

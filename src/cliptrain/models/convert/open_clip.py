@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,9 @@ def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], boo
         return load_file(str(path)), False
     jit = zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
     if jit:
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():   # torch.jit.load is deprecated, and the only reader of these files
+            warnings.simplefilter("ignore", FutureWarning)
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):   # open_clip training checkpoints
