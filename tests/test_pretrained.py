@@ -52,6 +52,7 @@ def test_load_gives_model_preprocess_tokenizer_and_zero_shot(trained):
     assert torch.allclose(image_features.norm(dim=-1), torch.ones(3))
     assert torch.equal(model.encode_text(["a red circle"]), model.encode_text(tokenizer(["a red circle"])))
     assert preprocess(images[0]).shape == (3, 32, 32)
+    assert torch.equal(cliptrain.load(tmp / "base")[0].encode_image(images), image_features)  # run dir: latest
     exported, _, _ = cliptrain.load(tmp / "oc")                      # the open_clip directory: same model
     assert torch.allclose(exported.encode_image(images), image_features, atol=1e-6)
 
