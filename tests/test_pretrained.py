@@ -80,6 +80,10 @@ def test_embed_writes_npy_and_parquet(trained, tmp_path, capsys):
     array = np.load(tmp_path / "e.npy")
     assert array.shape == (3, 32) and np.allclose(np.linalg.norm(array, axis=1), 1, atol=1e-5)
     assert "skipped 1 of 4 images" in capsys.readouterr().err
+    (tmp_path / "table.csv").write_text("path,caption\nimages/0.png,red\nimages/2.png,green\n")
+    assert main(["embed", "--checkpoint", str(last), "--images", str(tmp_path / "table.csv"),
+                 "--out", str(tmp_path / "t.npy")]) == 0
+    assert np.allclose(np.load(tmp_path / "t.npy"), array[[0, 2]], atol=1e-6)
     (tmp_path / "texts.txt").write_text("a red circle\na blue square\n")
     pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow not installed (optional, for .parquet output)")
     assert main(["embed", "--checkpoint", str(last), "--texts", str(tmp_path / "texts.txt"),
@@ -100,3 +104,10 @@ def test_squash_resize_keeps_the_whole_image_and_shortest_crops_the_centre():
     assert squash[0, 16, 2] > 200 and crop[0, 16, 2] < 50          # red survives only the squash
     with pytest.raises(ValueError, match="unknown resize_mode"):
         image_transform(32, False, resize_mode="longest")
+
+
+def test_export_to_hugging_face_refuses_a_learned_tokenizer_with_the_fix(trained, tmp_path, capsys):
+    _, last = trained
+    assert main(["export", "--checkpoint", str(last), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "eos_token_id is 2" in err and "--tokenizer.path bpe_simple_vocab_16e6.txt.gz" in err
