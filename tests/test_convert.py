@@ -181,7 +181,8 @@ def test_hf_clip_directory_import_and_export_give_identical_embeddings(tmp_path)
 
 
 def test_hf_export_refuses_a_learned_tokenizer_end_of_text_id():
-    ours = CLIP(from_dict(CLIPConfig, {**to_dict(CLIPConfig()), "text": {"eot_token_id": 2}}))
+    from conftest import MICRO_ARCH
+    ours = CLIP(from_dict(CLIPConfig, {**MICRO_ARCH, "text": {**MICRO_ARCH["text"], "eot_token_id": 2}}))
     with pytest.raises(ValueError, match="eos_token_id is 2"):
         export_hf(ours, None, Preprocess(224), "unused")
 
