@@ -1,7 +1,8 @@
-"""The `cliptrain` command: train, eval, report, data, tokenizer, models."""
+"""The `cliptrain` command: train, eval, report, data, tokenizer, models, export, embed."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,6 +24,10 @@ commands:
   tokenizer train --input FILE [--output tokenizer.json] [--vocab-size N] [--context-length L]
         learn a byte-level BPE from captions (one per line, or a .csv/.tsv/.jsonl table's caption column)
   models                                   list the built-in model architectures
+  export --checkpoint PATH --format open_clip|hf --out DIR
+        write a checkpoint (or any importable weights) as an open_clip or Hugging Face CLIPModel directory
+  embed --checkpoint PATH (--images TABLE_OR_FOLDER | --texts FILE) --out FILE.npy|FILE.parquet
+        image or text embeddings of a checkpoint, open_clip / OpenAI file or Hugging Face directory
 """
 
 
@@ -64,10 +69,13 @@ def cmd_eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cliptrain eval", description=(
         "Evaluate a checkpoint. With no dataset option, on its run's validation data; otherwise on the "
         "datasets given (each option adds one task)."))
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N), or "
+                        "open_clip / OpenAI / Hugging Face weights (evaluated with the default run config's data)")
     parser.add_argument("--output", help="where to write results.json / results.md (default: the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
     parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="default: the run's train.precision; fp32 for weights of another format")
     g = parser.add_argument_group("zero-shot classification")
     g.add_argument("--zeroshot", metavar="DIR_OR_TABLE", help="a folder of class folders, or a (path, label) table")
     g.add_argument("--classnames", metavar="FILE_OR_NAME",
@@ -96,7 +104,14 @@ def cmd_eval(argv: list[str]) -> int:
     from cliptrain.training.setup import load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
+    if (Path(args.checkpoint) / "config.yaml").is_file():
+        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
+    else:   # open_clip / OpenAI / Hugging Face weights: evaluated with the default run config's data
+        model, tokenizer, cfg = _imported(args.checkpoint, device)
+        args.output = args.output or str(Path(args.checkpoint) if Path(args.checkpoint).is_dir()
+                                          else Path(args.checkpoint).parent)
+    if args.precision:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=args.precision))
     if args.zeroshot or args.retrieval or args.linear_probe:
         results = _eval_datasets(args, model, tokenizer, cfg, device)
     elif args.linear_probe_test or args.classnames:
@@ -108,6 +123,22 @@ def cmd_eval(argv: list[str]) -> int:
     write_results(results, args.output or args.checkpoint, title)
     print(format_table(results, title))
     return 0
+
+
+def _imported(path: str, device):
+    """(model, tokenizer, run config) for weights of another format (see cliptrain.models.convert)."""
+    from cliptrain.config import AugmentSection, ModelSection, RunConfig, TrainSection
+    from cliptrain.models.convert import import_pretrained
+
+    imported = import_pretrained(path)
+    if imported.tokenizer is None:
+        raise ConfigError(f"{path} comes without a tokenizer; put OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz or a "
+                          "tokenizer.json next to the weights")
+    p = imported.preprocess
+    augment = AugmentSection(mean=tuple(p.mean), std=tuple(p.std), interpolation=p.interpolation,
+                             resize_mode=p.resize_mode)
+    cfg = RunConfig(model=ModelSection(name=Path(path).name), augment=augment, train=TrainSection(precision="fp32"))
+    return imported.model().to(device), imported.tokenizer, cfg
 
 
 def _eval_validation(args, model, tokenizer, cfg, device) -> dict[str, float]:
@@ -136,7 +167,7 @@ def _eval_datasets(args, model, tokenizer, cfg, device) -> dict[str, float]:
 
     a = cfg.augment
     ctx = tasks.EvalContext(model, tokenizer, image_transform(model.cfg.vision.image_size, False, a.mean, a.std,
-                                                              a.interpolation),
+                                                              a.interpolation, resize_mode=a.resize_mode),
                             device, resolve_precision(cfg.train.precision, device),
                             args.batch_size or cfg.eval.batch_size,
                             cfg.data.workers if args.workers is None else args.workers)
@@ -233,8 +264,59 @@ def cmd_models(argv: list[str]) -> int:
     return 0
 
 
+def _weights_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, an open_clip / OpenAI "
+                        "state dict file, an open_clip or Hugging Face directory, or a hub id")
+    parser.add_argument("--name", help="architecture of a bare state dict file (e.g. ViT-B-32-quickgelu, vit-b-32)")
+    parser.add_argument("--tokenizer", help="CLIP merges file or tokenizer.json, for weights without a tokenizer")
+
+
+def cmd_export(argv: list[str]) -> int:
+    """`cliptrain export`."""
+    parser = argparse.ArgumentParser(prog="cliptrain export", description=(
+        "Write a model as an open_clip directory (open_clip_config.json, NAME.json, open_clip_model.safetensors) "
+        "or a Hugging Face CLIPModel directory (config.json, model.safetensors, tokenizer files)."))
+    _weights_args(parser)
+    parser.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--model-name", default="cliptrain-export",
+                        help="open_clip: name of the model config file NAME.json (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from cliptrain.models.convert import export_hf, export_open_clip, import_pretrained
+
+    imported = import_pretrained(args.checkpoint, args.name, args.tokenizer)
+    model = imported.model()
+    if args.format == "open_clip":
+        out = export_open_clip(model, imported.tokenizer, imported.preprocess, args.out, args.model_name)
+    else:
+        out = export_hf(model, imported.tokenizer, imported.preprocess, args.out)
+    print(f"exported {imported.source} weights as {args.format} to {out}")
+    return 0
+
+
+def cmd_embed(argv: list[str]) -> int:
+    """`cliptrain embed`."""
+    parser = argparse.ArgumentParser(prog="cliptrain embed", description=(
+        "Write L2-normalised embeddings: .npy (float32 [N, D], rows in input order, unreadable images skipped) "
+        "or .parquet (columns image|text and embedding; needs pyarrow)."))
+    _weights_args(parser)
+    parser.add_argument("--images", help="a folder of images (recursive) or a CSV / TSV / JSONL table")
+    parser.add_argument("--texts", help="a text file (one text per line) or a table")
+    parser.add_argument("--out", required=True, help="FILE.npy or FILE.parquet")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-key", help="image column of a table (default: image, path, filepath, ...)")
+    parser.add_argument("--caption-key", default="caption", help="text column of a table (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from cliptrain.embed import run_embed
+
+    n = run_embed(args.checkpoint, args.images, args.texts, args.out, args.batch_size, args.image_key,
+                  args.caption_key, args.name, args.tokenizer)
+    print(f"wrote {n} embeddings to {args.out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "data": cmd_data,
-            "tokenizer": cmd_tokenizer, "models": cmd_models}
+            "tokenizer": cmd_tokenizer, "models": cmd_models, "export": cmd_export, "embed": cmd_embed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+    except (ConfigError, OSError, ValueError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -31,6 +31,7 @@ class ModelSection:
     """Which architecture to build: a named config plus field overrides."""
     name: str = "tiny"
     arch: dict = field(default_factory=dict)  # e.g. {"vision": {"layers": 2}}; filled in full when saved
+    pretrained: str | None = None       # start from weights: checkpoint dir, open_clip/OpenAI file, HF dir or hub id
 
 
 @dataclass
@@ -91,6 +92,7 @@ class AugmentSection:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     from_model: bool = False            # timm image tower: mean, std and interpolation from timm's config for it
+    resize_mode: Literal["shortest", "squash"] = "shortest"  # eval: shorter side + centre crop, or both sides (SigLIP)
 
     def __post_init__(self):
         _check(0 < self.scale[0] <= self.scale[1] <= 1, f"augment.scale must satisfy 0 < min <= max <= 1, got {self.scale}")

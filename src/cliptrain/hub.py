@@ -26,7 +26,8 @@ def load_for_harness(path: str | Path, device: torch.device | str = "cpu"):
 
     model, tokenizer, cfg = load_checkpoint(path, device)
     a = cfg.augment
-    transform = image_transform(model.cfg.vision.image_size, False, a.mean, a.std, a.interpolation)
+    transform = image_transform(model.cfg.vision.image_size, False, a.mean, a.std, a.interpolation,
+                                resize_mode=a.resize_mode)
     return model.eval(), transform, tokenizer
 
 

@@ -102,6 +102,17 @@ class Tokenizer:
         """Id of the end-of-text token that closes every caption."""
         return self._eot_id
 
+    @property
+    def is_clip_bpe(self) -> bool:
+        """Whether this is OpenAI CLIP's BPE (:func:`load_clip_bpe`), cleaned in Python exactly like CLIP."""
+        return self._clip_cleaning
+
+    def bpe_model(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """(vocabulary, merges) of the BPE model, as vocab.json / merges.txt files hold them."""
+        model = json.loads(self._file.to_str())["model"]
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return dict(model["vocab"]), merges
+
     def __repr__(self) -> str:
         flavour = "clip" if self._clip_cleaning else "trained"
         return f"Tokenizer({flavour}, vocab_size={self.vocab_size}, context_length={self.context_length})"

@@ -34,6 +34,7 @@ INTERPOLATIONS: dict[str, InterpolationMode] = {
     "lanczos": InterpolationMode.LANCZOS,
 }
 
+RESIZE_MODES = ("shortest", "squash")  # eval: resize the shorter side + centre crop, or resize both sides
 _STRAIGHT_ALPHA_MODES = ("RGBA", "LA", "PA")
 _PREMULTIPLIED_ALPHA_MODES = ("RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -175,8 +176,10 @@ class ImageTransform:
     def __init__(self, image_size: int, train: bool, mean: Sequence[float] = OPENAI_MEAN,
                  std: Sequence[float] = OPENAI_STD, interpolation: str = "bicubic",
                  scale: tuple[float, float] = (0.9, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), resize_mode: str = "shortest") -> None:
         _check_transform_args(image_size, mean, std, scale, ratio)
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize_mode {resize_mode!r}; use one of {RESIZE_MODES}")
         mode = interpolation_mode(interpolation)
         self.image_size = image_size
         self.train = bool(train)
@@ -185,10 +188,14 @@ class ImageTransform:
         self.interpolation = interpolation
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.resize_mode = resize_mode
         if self.train:  # on the uint8 tensor: about 1.6x faster than on the PIL image (benchmarks/data.py)
             self.geometry = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(
                 image_size, scale=self.scale, ratio=self.ratio, interpolation=mode, antialias=True)])
-        else:  # PIL resampling, as the reference CLIP preprocessing does
+        elif resize_mode == "squash":  # PIL resampling, as the reference CLIP preprocessing does
+            self.geometry = v2.Compose([v2.Resize((image_size, image_size), interpolation=mode, antialias=True),
+                                        v2.ToImage()])
+        else:
             self.geometry = v2.Compose([v2.Resize(image_size, interpolation=mode, antialias=True),
                                         v2.CenterCrop(image_size), v2.ToImage()])
         self._mean = torch.tensor(self.mean).view(3, 1, 1)
@@ -212,18 +219,20 @@ class ImageTransform:
     def __repr__(self) -> str:
         kind = "train" if self.train else "eval"
         return (f"ImageTransform({kind}, image_size={self.image_size}, "
-                f"interpolation={self.interpolation!r}, scale={self.scale}, ratio={self.ratio})")
+                f"interpolation={self.interpolation!r}, scale={self.scale}, ratio={self.ratio}, "
+                f"resize_mode={self.resize_mode!r})")
 
 
 def image_transform(image_size: int, train: bool, mean: Sequence[float] = OPENAI_MEAN,
                     std: Sequence[float] = OPENAI_STD, interpolation: str = "bicubic",
                     scale: tuple[float, float] = (0.9, 1.0),
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> ImageTransform:
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3), resize_mode: str = "shortest") -> ImageTransform:
     """Build the CLIP preprocessing transform.
 
     train: to_rgb -> RandomResizedCrop(image_size, scale, ratio) -> float in [0, 1] -> Normalize.
-    eval:  to_rgb -> Resize(shorter side to image_size) -> CenterCrop(image_size) -> float -> Normalize.
+    eval:  to_rgb -> Resize(shorter side to image_size) -> CenterCrop(image_size) -> float -> Normalize;
+           with resize_mode "squash" (SigLIP): Resize to image_size x image_size, no crop.
     Random crops draw from the global torch RNG, so seeding it per sample makes them reproducible.
     """
     return ImageTransform(image_size, train, mean=mean, std=std, interpolation=interpolation,
-                          scale=scale, ratio=ratio)
+                          scale=scale, ratio=ratio, resize_mode=resize_mode)

@@ -37,8 +37,8 @@ class CLIP(nn.Module):
 
     def __init__(self, cfg: CLIPConfig, pretrained: bool = True):
         super().__init__()
-        self.visual = image_tower(cfg.vision, cfg.embed_dim, cfg.activation, pretrained)
-        self.text = text_tower(cfg.text, cfg.embed_dim, cfg.activation, pretrained)
+        self.visual = image_tower(cfg.vision, cfg.embed_dim, cfg.activation, pretrained, cfg.norm_eps)
+        self.text = text_tower(cfg.text, cfg.embed_dim, cfg.activation, pretrained, cfg.norm_eps)
         # A tower may complete its config (a Hugging Face tower records the model's config).
         self.cfg = dataclasses.replace(cfg, vision=self.visual.cfg, text=self.text.cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))

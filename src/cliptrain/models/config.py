@@ -26,6 +26,10 @@ class VisionConfig:
     timm_pool: str | None = None         # timm's global_pool (avg | token | map | max | ...); null: the model's own
     timm_proj: Projection = "linear"     # head from the pooled features to embed_dim; none: dims must match
     timm_kwargs: dict = field(default_factory=dict)  # further timm.create_model arguments, e.g. {drop_path_rate: 0.1}
+    patch_bias: bool = False             # a bias in the patch embedding (SigLIP)
+    class_token: bool = True             # a learned class token in front of the patches (SigLIP: none)
+    ln_pre: bool = True                  # a LayerNorm before the blocks (CLIP; SigLIP has none)
+    pool: Literal["cls", "map"] = "cls"  # features from the class token, or a MAP head (attention pooling, SigLIP)
 
     def __post_init__(self):
         if not 0 <= self.patch_dropout < 1:
@@ -41,6 +45,8 @@ class VisionConfig:
             raise ConfigError(f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
         if min(self.layers, self.heads, self.patch_size) < 1:
             raise ConfigError("vision.layers, vision.heads and vision.patch_size must be >= 1")
+        if self.pool == "cls" and not self.class_token:
+            raise ConfigError("vision.pool cls needs vision.class_token true; without a class token use pool map")
 
 
 @dataclass
@@ -64,6 +70,9 @@ class TextConfig:
     def is_hf(self) -> bool:
         """Whether the tower is a Hugging Face model."""
         return bool(self.hf_model or self.hf_config)
+    causal: bool = True                  # causal attention mask (CLIP); SigLIP's text tower is bidirectional
+    pool: Literal["eot", "last"] = "eot"  # pool at the first end-of-text token, or at the last position (SigLIP)
+    proj_bias: bool = False              # a bias after the text projection (SigLIP)
 
     def __post_init__(self):
         if self.context_length < 2:
@@ -82,7 +91,8 @@ class CLIPConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    activation: Literal["gelu", "quick_gelu"] = "gelu"
+    activation: Literal["gelu", "quick_gelu", "gelu_tanh"] = "gelu"  # quick_gelu: OpenAI CLIP; gelu_tanh: SigLIP
+    norm_eps: float = 1e-5               # LayerNorm epsilon (SigLIP: 1e-6)
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
     init_logit_bias: float | None = None  # set (SigLIP: -10) to give the model a learnable logit bias

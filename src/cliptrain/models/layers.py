@@ -24,7 +24,9 @@ def make_activation(name: str) -> nn.Module:
         return nn.GELU()
     if name == "quick_gelu":
         return QuickGELU()
-    raise ValueError(f"unknown activation {name!r}; choose 'gelu' or 'quick_gelu'")
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; choose 'gelu', 'quick_gelu' or 'gelu_tanh'")
 
 
 class Attention(nn.Module):
@@ -61,15 +63,20 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def mlp_hidden(width: int, mlp_ratio: float) -> int:
+    """Hidden width of the MLP (rounded, so a ratio like 4304 / 1152 gives back 4304)."""
+    return int(round(width * mlp_ratio))
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, norm_eps: float = 1e-5):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio), activation)
+        self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = MLP(width, mlp_hidden(width, mlp_ratio), activation)
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), is_causal=is_causal)
@@ -79,10 +86,11 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of pre-norm blocks."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str,
+                 norm_eps: float = 1e-5):
         super().__init__()
         self.width = width
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, activation) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, activation, norm_eps) for _ in range(layers))
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
@@ -115,7 +123,8 @@ def lock_blocks(tower: nn.Module, blocks: nn.ModuleList, head: tuple, unlocked_l
     tower.requires_grad_(False)
     if unlocked_layers:
         for module in (*blocks[len(blocks) - unlocked_layers:], *head):
-            module.requires_grad_(True)
+            if module is not None:
+                module.requires_grad_(True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,3 +186,26 @@ class AdapterTower(nn.Module):
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """The trunk's parameters in groups from input to output, the unit of `lock(unlocked_layers)`."""
         raise NotImplementedError
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (SigLIP): a learned probe attends over all tokens, then a residual MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, norm_eps: float = 1e-5):
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.ln = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = MLP(width, mlp_hidden(width, mlp_ratio), activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, W] tokens -> [B, W] pooled."""
+        b, n, w = x.shape
+        hd = w // self.heads
+        q = self.q(self.probe.to(x.dtype)).expand(b, -1, -1).view(b, 1, self.heads, hd).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        y = self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, w))
+        y = y + self.mlp(self.ln(y))
+        return y[:, 0]

@@ -12,24 +12,28 @@ from cliptrain.models.config import TextConfig
 from cliptrain.models.layers import AdapterTower, Transformer, import_optional, lock_blocks, projection_head
 
 
-def text_tower(cfg: TextConfig, embed_dim: int, activation: str, pretrained: bool = True) -> nn.Module:
+def text_tower(cfg: TextConfig, embed_dim: int, activation: str, pretrained: bool = True,
+               norm_eps: float = 1e-5) -> nn.Module:
     """The text tower `cfg` describes (`pretrained`: load the Hugging Face directory's weights when there is one)."""
     if cfg.is_hf:
         return HFTextTower(cfg, embed_dim, pretrained)
-    return TextTransformer(cfg, embed_dim, activation)
+    return TextTransformer(cfg, embed_dim, activation, norm_eps)
 
 
 class TextTransformer(nn.Module):
-    """Token + position embeddings, causal blocks, final norm, projection at the first end-of-text token."""
+    """Token + position embeddings, causal blocks, final norm, projection at the first end-of-text token.
 
-    def __init__(self, cfg: TextConfig, embed_dim: int, activation: str):
+    SigLIP's variant (config switches): bidirectional blocks, pooled at the last position, biased projection."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int, activation: str, norm_eps: float = 1e-5):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation)
-        self.ln_final = nn.LayerNorm(cfg.width)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, norm_eps)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=norm_eps)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+        self.text_projection_bias = nn.Parameter(torch.zeros(embed_dim)) if cfg.proj_bias else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -51,14 +55,20 @@ class TextTransformer(nn.Module):
         if length > self.cfg.context_length:
             raise ValueError(f"texts have {length} tokens but the model's context length is {self.cfg.context_length}")
         x = self.token_embedding(texts) + self.positional_embedding[:length]
-        x = self.ln_final(self.transformer(x, is_causal=True))
-        pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(texts)]
+        x = self.ln_final(self.transformer(x, is_causal=self.cfg.causal))
+        if self.cfg.pool == "last":
+            pooled = x[:, -1]
+        else:
+            pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(texts)]
+        if self.text_projection_bias is not None:
+            return pooled @ self.text_projection + self.text_projection_bias
         return pooled @ self.text_projection
 
     def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze the tower, leaving its last `unlocked_layers` blocks, final norm and projection trainable when
         `unlocked_layers` > 0 (no batch norm here: `freeze_norm_stats` changes nothing)."""
-        lock_blocks(self, self.transformer.blocks, (self.ln_final, self.text_projection), unlocked_layers)
+        head = (self.ln_final, self.text_projection, self.text_projection_bias)
+        lock_blocks(self, self.transformer.blocks, head, unlocked_layers)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward."""

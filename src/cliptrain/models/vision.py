@@ -7,62 +7,74 @@ import torch
 from torch import nn
 
 from cliptrain.models.config import VisionConfig
-from cliptrain.models.layers import AdapterTower, Transformer, import_optional, lock_blocks, projection_head
+from cliptrain.models.layers import (AdapterTower, MAPHead, Transformer, import_optional, lock_blocks,
+                                     projection_head)
 
 
-def image_tower(cfg: VisionConfig, embed_dim: int, activation: str, pretrained: bool = True) -> nn.Module:
+def image_tower(cfg: VisionConfig, embed_dim: int, activation: str, pretrained: bool = True,
+                norm_eps: float = 1e-5) -> nn.Module:
     """The image tower `cfg` describes (`pretrained`: load timm's weights where `cfg` asks for them)."""
     if cfg.timm_model:
         return TimmVisionTower(cfg, embed_dim, pretrained)
-    return VisionTransformer(cfg, embed_dim, activation)
+    return VisionTransformer(cfg, embed_dim, activation, norm_eps)
 
 
 class VisionTransformer(nn.Module):
-    """Patch embedding, class token, positions, pre-norm blocks, final norm, projection of the class token."""
+    """Patch embedding, class token, positions, pre-norm blocks, final norm, projection of the class token.
 
-    def __init__(self, cfg: VisionConfig, embed_dim: int, activation: str):
+    SigLIP's variant (config switches): a biased patch embedding, no class token, no ln_pre, and a MAP
+    head pooling all tokens."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, activation: str, norm_eps: float = 1e-5):
         super().__init__()
         self.cfg = cfg
-        w = cfg.width
-        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(torch.empty(w))
-        self.positional_embedding = nn.Parameter(torch.empty((cfg.image_size // cfg.patch_size) ** 2 + 1, w))
-        self.ln_pre = nn.LayerNorm(w)
-        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, activation)
-        self.ln_post = nn.LayerNorm(w)
+        w, tokens = cfg.width, (cfg.image_size // cfg.patch_size) ** 2 + int(cfg.class_token)
+        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.class_embedding = nn.Parameter(torch.empty(w)) if cfg.class_token else None
+        self.positional_embedding = nn.Parameter(torch.empty(tokens, w))
+        self.ln_pre = nn.LayerNorm(w, eps=norm_eps) if cfg.ln_pre else nn.Identity()
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, norm_eps)
+        self.ln_post = nn.LayerNorm(w, eps=norm_eps)
+        self.map_head = MAPHead(w, cfg.heads, cfg.mlp_ratio, activation, norm_eps) if cfg.pool == "map" else None
         self.proj = nn.Parameter(torch.empty(w, embed_dim))
         self.init_weights()
 
     def init_weights(self) -> None:
         """CLIP initialisation."""
         w = self.cfg.width
-        nn.init.normal_(self.class_embedding, std=w ** -0.5)
+        if self.class_embedding is not None:
+            nn.init.normal_(self.class_embedding, std=w ** -0.5)
         nn.init.normal_(self.positional_embedding, std=w ** -0.5)
         nn.init.normal_(self.proj, std=w ** -0.5)
         self.transformer.init_weights()
 
     def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Keep the class token and a random subset of patch tokens per image (global torch RNG)."""
-        b, n = x.shape[0], x.shape[1] - 1
+        first = int(self.cfg.class_token)
+        b, n = x.shape[0], x.shape[1] - first
         keep = max(1, int(n * (1 - self.cfg.patch_dropout)))
-        idx = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep] + 1
+        idx = torch.rand(b, n, device=x.device).argsort(dim=1)[:, :keep] + first
         patches = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        return torch.cat([x[:, :1], patches], dim=1)
+        return torch.cat([x[:, :first], patches], dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images -> [B, embed_dim] unnormalised features."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)          # B, N, W
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        if self.class_embedding is not None:
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)
+        x = x + self.positional_embedding.to(x.dtype)
         if self.training and self.cfg.patch_dropout > 0:
             x = self._drop_patches(x)
         x = self.transformer(self.ln_pre(x))
+        if self.map_head is not None:
+            return self.map_head(self.ln_post(x)) @ self.proj
         return self.ln_post(x[:, 0]) @ self.proj
 
     def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze the tower (LiT), leaving its last `unlocked_layers` blocks, final norm and projection trainable
         when `unlocked_layers` > 0 (a ViT has no batch norm: `freeze_norm_stats` changes nothing)."""
-        lock_blocks(self, self.transformer.blocks, (self.ln_post, self.proj), unlocked_layers)
+        lock_blocks(self, self.transformer.blocks, (self.ln_post, self.map_head, self.proj), unlocked_layers)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward."""
@@ -70,7 +82,7 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (within the tower) excluded from weight decay besides biases and norms."""
-        return {"class_embedding", "positional_embedding"}
+        return {"class_embedding", "positional_embedding"} | ({"map_head.probe"} if self.map_head is not None else set())
 
     def block_modules(self) -> list[nn.Module]:
         """The repeated blocks (units of FSDP sharding)."""

@@ -18,8 +18,9 @@ from cliptrain.distributed import World, broadcast_object
 from cliptrain.evaluation.evaluate import EvalSet
 from cliptrain.models import CLIP, create_model
 from cliptrain.models.config import CLIPConfig
-from cliptrain.models.registry import get_model_config
 from cliptrain.hf_tokenizer import load_hf_tokenizer
+from cliptrain.models.convert import Imported, architecture_for_name, import_pretrained, resolve_architecture
+from cliptrain.models.convert.text_tokenizers import HFTokenizer
 from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import check_output_dir, checkpoint_size
@@ -57,13 +58,18 @@ def build_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]], model_cfg
         tok = load_clip_bpe(path, context_length=text.context_length)
     else:
         tok = Tokenizer.load(path)
+    check_tokenizer(tok, path, text)
+    return tok
+
+
+def check_tokenizer(tok: Tokenizer, path, text) -> None:
+    """Raise unless the tokenizer's context length and vocabulary fit the text tower config `text`."""
     if tok.context_length != text.context_length:
         raise ValueError(f"tokenizer {path} has context length {tok.context_length} but the model has "
                          f"{text.context_length}; set --model.arch.text.context_length {tok.context_length}")
     if tok.vocab_size > text.vocab_size and not text.is_hf:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's text.vocab_size is "
                          f"{text.vocab_size}; set --model.arch.text.vocab_size {tok.vocab_size} or use a smaller tokenizer")
-    return tok
 
 
 def build_sources(cfg: RunConfig, image_size: int, train: bool = True, log: Callable[[str], None] = print):
@@ -123,7 +129,7 @@ def build_evalset(cfg: RunConfig, val_source, zeroshot: dict, image_size: int) -
     if val_source is None:
         return None
     a = cfg.augment
-    transform = image_transform(image_size, False, a.mean, a.std, a.interpolation)
+    transform = image_transform(image_size, False, a.mean, a.std, a.interpolation, resize_mode=a.resize_mode)
     return EvalSet(PairDataset(val_source, transform, cfg.train.seed), **zeroshot)
 
 
@@ -139,7 +145,7 @@ def source_captions(source, caption_key: str = "caption") -> list[str]:
 def _model_config(cfg: RunConfig, resume: Path | None) -> CLIPConfig:
     """The architecture: from the checkpoint when resuming (overrides must agree with it), else name + overrides."""
     try:
-        wanted = get_model_config(cfg.model.name, **cfg.model.arch)
+        wanted = architecture_for_name(cfg.model.name, **cfg.model.arch)[0]
     except ConfigError as exc:
         raise ConfigError(f"model.arch: {exc}") from None
     if resume is None:
@@ -151,6 +157,34 @@ def _model_config(cfg: RunConfig, resume: Path | None) -> CLIPConfig:
     if diff:
         raise ConfigError(f"checkpoint {resume} has a different architecture: {'; '.join(diff)}")
     return saved
+
+
+def from_pretrained(cfg: RunConfig, say: Callable[[str], None] = print
+                    ) -> tuple[RunConfig, CLIPConfig, Tokenizer, Imported]:
+    """For `model.pretrained`: (run config with the weights' preprocessing, architecture, tokenizer, imported
+    weights). The activation is checked (resolve_architecture); the pretrained tokenizer replaces a learned BPE."""
+    imported = import_pretrained(cfg.model.pretrained, cfg.model.name, cfg.tokenizer.path)
+    model_cfg = resolve_architecture(imported, cfg.model.name, cfg.model.arch, say)
+    tok = imported.tokenizer
+    if tok is None:
+        raise ConfigError(f"the pretrained weights {cfg.model.pretrained} come without a tokenizer; pass "
+                          "--tokenizer.path with OpenAI CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) or a "
+                          "tokenizer.json")
+    if isinstance(tok, HFTokenizer):
+        raise ConfigError(f"{cfg.model.pretrained} has a SentencePiece tokenizer (SigLIP), which cliptrain "
+                          "checkpoints cannot store; such models load for inference (cliptrain.load) only")
+    check_tokenizer(tok, cfg.model.pretrained, model_cfg.text)
+    if model_cfg.text.pool == "eot" and tok.eot_id != model_cfg.text.eot_token_id:
+        raise ConfigError(f"the tokenizer's end-of-text id {tok.eot_id} differs from the one the pretrained text "
+                          f"tower pools at ({model_cfg.text.eot_token_id}); use the model's own tokenizer")
+    p = imported.preprocess
+    aug = dataclasses.replace(cfg.augment, mean=tuple(p.mean), std=tuple(p.std), interpolation=p.interpolation,
+                              resize_mode=p.resize_mode)
+    if aug != cfg.augment:
+        say(f"using the preprocessing of the pretrained weights: mean {aug.mean}, std {aug.std}, "
+            f"{aug.interpolation}, resize {aug.resize_mode}")
+    say(f"starting from {imported.source} weights {cfg.model.pretrained}")
+    return dataclasses.replace(cfg, augment=aug), model_cfg, tok, imported
 
 
 def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
@@ -169,12 +203,18 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         run_dir = Path(broadcast_object(str(run_dir)))  # a timestamped name must be the same on every rank
     resume = ckpt.resolve_resume(cfg.train.resume, run_dir) if cfg.train.resume else None
     torch.manual_seed(cfg.train.seed)
-    model_cfg = _model_config(cfg, resume)
+    imported = None
+    if cfg.model.pretrained and resume is None:
+        cfg, model_cfg, tokenizer, imported = from_pretrained(cfg, print if world.is_main else lambda _: None)
+    else:
+        model_cfg = _model_config(cfg, resume)
     size = model_cfg.vision.image_size
     train_src, val_src, zs = build_sources(cfg, size, log=print if world.is_main else (lambda _: None))
     teacher = load_teacher(cfg.distill.teacher, model_cfg) if cfg.distill.teacher else None
     if resume is not None:
         tokenizer = Tokenizer.load(resume / "tokenizer.json")
+    elif imported is not None:
+        pass                                                  # the pretrained model's own tokenizer
     elif teacher is not None and cfg.tokenizer.path is None:  # the student reads the teacher's tokens
         teacher_tokens = dataclasses.replace(cfg.tokenizer, path=str(Path(cfg.distill.teacher) / "tokenizer.json"))
         tokenizer = build_tokenizer(dataclasses.replace(cfg, tokenizer=teacher_tokens), list, model_cfg)
@@ -184,6 +224,8 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
                          text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
     if resume is not None and not (resume / ckpt.SHARDED).is_dir():  # sharded: loaded after wrapping
         ckpt.load_model_weights(model, resume)
+    elif imported is not None:
+        imported.load_into(model)
     cfg = preprocessing_from_model(cfg, model)
     torch.manual_seed(cfg.train.seed + 1_000_003 * world.rank)  # step-time randomness differs per rank
     a = cfg.augment

@@ -1,0 +1,291 @@
+"""Import and export of other checkpoint formats.
+
+Import (:func:`import_pretrained`) reads any of
+  * a cliptrain checkpoint directory (config.yaml + model.safetensors + tokenizer.json);
+  * an open_clip directory (open_clip_config.json + weights; what :func:`export_open_clip` writes);
+  * an open_clip or OpenAI `clip` state dict file (.pt / .bin / .safetensors, TorchScript archives too);
+  * a Hugging Face CLIPModel or SiglipModel directory (config.json + model.safetensors);
+  * a Hugging Face hub id (``org/name`` or ``hf-hub:org/name``), downloaded with huggingface_hub;
+and returns the architecture, our state dict, the tokenizer and the preprocessing, so the cliptrain
+model gives the same outputs as the original. Export writes open_clip and Hugging Face directories.
+
+COCA_HOOK: open_clip CoCa configs (``multimodal_cfg``) are refused in `config_from_open_clip` until the
+CoCa model (branch ``coca``) lands; its import belongs in ``convert/open_clip.py`` next to the CLIP one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from cliptrain.constants import OPENAI_MEAN, OPENAI_STD
+from cliptrain.models.clip import CLIP
+from cliptrain.models.config import CLIPConfig
+from cliptrain.models.convert import hf, open_clip
+from cliptrain.models.convert.text_tokenizers import load_hf_dir_tokenizer, write_hf_tokenizer
+from cliptrain.models.registry import get_model_config, list_models
+from cliptrain.tokenizer import TOKENIZER_FILE, Tokenizer, load_clip_bpe
+from cliptrain.typed import ConfigError, from_dict, to_dict
+
+__all__ = ["Preprocess", "Imported", "import_pretrained", "resolve_architecture", "export_open_clip", "export_hf",
+           "architecture_for_name"]
+
+MERGES_FILES = ("bpe_simple_vocab_16e6.txt.gz", "bpe_simple_vocab_16e6.txt", "merges.txt")
+
+
+@dataclass
+class Preprocess:
+    """The evaluation preprocessing a model expects."""
+    image_size: int
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"       # shortest: resize + centre crop; squash: resize both sides
+
+
+@dataclass
+class Imported:
+    """What an import yields: architecture, weights (our names), tokenizer, preprocessing."""
+    config: CLIPConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: Any | None               # a cliptrain Tokenizer, an HFTokenizer (SigLIP), or None (no vocab file)
+    preprocess: Preprocess
+    source: str                         # the format, in words
+    activation_known: bool = True       # False: a bare state dict that does not record its activation
+
+    def model(self, config: CLIPConfig | None = None) -> CLIP:
+        """The cliptrain model with the imported weights, in eval mode (strict: every weight must fit)."""
+        return self.load_into(CLIP(config or self.config)).eval()
+
+    def load_into(self, model: CLIP) -> CLIP:
+        """Copy the imported weights into `model`; a clear error names the weights that do not fit."""
+        own = model.state_dict()
+        bad = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in self.state_dict.items()
+               if k in own and own[k].shape != v.shape]
+        missing, extra = sorted(set(own) - set(self.state_dict)), sorted(set(self.state_dict) - set(own))
+        if bad or missing or extra:
+            raise ValueError(f"the {self.source} weights do not fit the architecture: "
+                             f"{'; '.join(bad[:4] + [f'missing {m}' for m in missing[:4]] + [f'unexpected {e}' for e in extra[:4]])}")
+        model.load_state_dict(self.state_dict)
+        return model
+
+
+# ------------------------------------------------------------------------------------------ import
+
+def resolve_path(spec: str | Path) -> Path:
+    """A local path, or a Hugging Face hub id (``org/name`` / ``hf-hub:org/name``) downloaded to the cache."""
+    text = str(spec)
+    hub = text[len("hf-hub:"):] if text.startswith("hf-hub:") else None
+    if hub is None and Path(text).exists():
+        return Path(text)
+    looks_local = text.startswith((".", "/", "~")) or Path(text).suffix in (".pt", ".pth", ".bin", ".safetensors")
+    if hub is None and (text.count("/") != 1 or looks_local):
+        raise FileNotFoundError(f"pretrained weights not found: {text} is neither a file, a directory nor a "
+                                "hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ImportError(f"{text} looks like a hub id; downloading it needs huggingface_hub "
+                          "(pip install huggingface_hub), or pass a local directory") from exc
+    return Path(snapshot_download(hub or text))
+
+
+def import_pretrained(spec: str | Path, name: str | None = None, tokenizer_path: str | Path | None = None) -> Imported:
+    """Read pretrained weights of any supported format (see the module doc).
+
+    `name`: the architecture of a bare state-dict file (a cliptrain name, or an open_clip name such as
+    ViT-B-32-quickgelu, which also says the activation); unused for formats that record their config.
+    `tokenizer_path`: a CLIP merges file or tokenizer.json, for files that come without a tokenizer.
+    """
+    path = resolve_path(spec)
+    if path.is_dir():
+        if (path / "config.yaml").is_file():
+            imported = _from_cliptrain(path)
+        elif (path / open_clip.CONFIG_FILE).is_file():
+            weights = [path / n for n in (open_clip.SAFETENSORS_FILE, open_clip.WEIGHTS_FILE) if (path / n).is_file()]
+            if not weights:
+                raise FileNotFoundError(f"{path} has {open_clip.CONFIG_FILE} but no {open_clip.SAFETENSORS_FILE} "
+                                        f"or {open_clip.WEIGHTS_FILE}")
+            imported = _from_file(weights[0], name)
+        elif (path / "config.json").is_file():
+            imported = _from_hf(path)
+        else:
+            raise FileNotFoundError(f"{path} is not a cliptrain checkpoint (config.yaml), an open_clip directory "
+                                    f"({open_clip.CONFIG_FILE}) or a Hugging Face model directory (config.json)")
+    else:
+        imported = _from_file(path, name)
+    if tokenizer_path is not None:
+        imported.tokenizer = _tokenizer_file(Path(tokenizer_path), imported.config.text.context_length)
+    return imported
+
+
+def _tokenizer_file(path: Path, context_length: int):
+    if path.name.endswith((".txt", ".txt.gz")):
+        return load_clip_bpe(path, context_length=context_length)
+    return Tokenizer.load(path)
+
+
+def _from_cliptrain(path: Path) -> Imported:
+    from safetensors.torch import load_file
+
+    steps = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
+    if not (path / "model.safetensors").is_file() and steps:
+        path = steps[-1]                       # a run directory: its latest checkpoint
+    data = yaml.safe_load((path / "config.yaml").read_text())
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors (a sharded checkpoint?); convert it with "
+                                "`cliptrain eval --checkpoint` first or pass a full checkpoint")
+    cfg = from_dict(CLIPConfig, data["model"]["arch"])
+    a = data.get("augment", {})
+    pre = Preprocess(cfg.vision.image_size, tuple(a.get("mean", OPENAI_MEAN)), tuple(a.get("std", OPENAI_STD)),
+                     a.get("interpolation", "bicubic"), a.get("resize_mode", "shortest"))
+    tok = Tokenizer.load(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
+    return Imported(cfg, load_file(str(weights)), tok, pre, "cliptrain checkpoint")
+
+
+def _from_file(path: Path, name: str | None) -> Imported:
+    """An open_clip / OpenAI state dict file; its config from a sibling open_clip_config.json, the OpenAI
+    layout's shapes, or `name`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    sd, jit = open_clip.load_state_dict_file(path)
+    config_file = path.parent / open_clip.CONFIG_FILE
+    pre_cfg: dict = {}
+    known = True
+    if config_file.is_file():
+        model_cfg, pre_cfg = open_clip.read_config_file(config_file)
+        cfg, source = open_clip.config_from_open_clip(model_cfg, str(config_file)), "open_clip"
+    elif jit or open_clip.is_openai_layout(sd):
+        cfg, source = open_clip.config_from_openai_state_dict(sd), "OpenAI CLIP"
+    elif name is not None:
+        cfg, activation = architecture_for_name(name)
+        source, known = "open_clip state dict", activation is not None
+    else:
+        cfg, source, known = open_clip.config_from_openai_state_dict(sd), "open_clip state dict", False
+        cfg = replace(cfg, activation="gelu")      # open_clip's default; unknown, see activation_known
+    tok = _sibling_tokenizer(path.parent, cfg.text.context_length)
+    size = cfg.vision.image_size
+    pre = Preprocess(size, tuple(pre_cfg.get("mean", OPENAI_MEAN)), tuple(pre_cfg.get("std", OPENAI_STD)),
+                     pre_cfg.get("interpolation", "bicubic"), pre_cfg.get("resize_mode", "shortest"))
+    return Imported(cfg, open_clip.state_dict_from_open_clip(sd), tok, pre, source, known)
+
+
+def _sibling_tokenizer(folder: Path, context_length: int):
+    if (folder / TOKENIZER_FILE).is_file():
+        return Tokenizer.load(folder / TOKENIZER_FILE)
+    for name in MERGES_FILES:
+        if (folder / name).is_file():
+            return load_clip_bpe(folder / name, context_length=context_length)
+    return None
+
+
+def _from_hf(path: Path) -> Imported:
+    config = json.loads((path / "config.json").read_text())
+    cfg = hf.config_from_hf(config, str(path / "config.json"))
+    files = sorted(path.glob("model*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no model.safetensors (or pytorch_model.bin)")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(open_clip.load_state_dict_file(f)[0])
+    sd = hf.state_dict_from_hf(sd, cfg)
+    siglip = cfg.vision.pool == "map"
+    defaults = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
+                "resize_mode": "squash"} if siglip else {}
+    pre = Preprocess(cfg.vision.image_size, **{**defaults, **hf.preprocess_from_hf(path / "preprocessor_config.json")})
+    tok = load_hf_dir_tokenizer(path, cfg.text.context_length)
+    return Imported(cfg, sd, tok, pre, "Hugging Face SigLIP" if siglip else "Hugging Face CLIP")
+
+
+def architecture_for_name(name: str, **overrides: Any) -> tuple[CLIPConfig, str | None]:
+    """(architecture, activation the name declares or None) for a cliptrain or open_clip model name."""
+    if name in open_clip.OPEN_CLIP_NAMES:
+        ours, activation = open_clip.OPEN_CLIP_NAMES[name]
+        return get_model_config(ours, **{"activation": activation, **overrides}), activation
+    if name not in list_models():
+        raise ConfigError(f"unknown model {name!r}: use a cliptrain model ({', '.join(list_models())}) or an "
+                          f"open_clip ViT name ({', '.join(open_clip.OPEN_CLIP_NAMES)})")
+    return get_model_config(name, **overrides), None
+
+
+def resolve_architecture(imported: Imported, name: str | None, arch: dict, say: Callable[[str], None] = print
+                         ) -> CLIPConfig:
+    """The architecture to fine-tune imported weights in: theirs with the `arch` overrides applied.
+
+    An activation mismatch is never silent. Overriding the activation of weights that record theirs is
+    refused; a model name whose activation differs from the weights' is switched, with a message; a bare
+    state dict that does not record it uses the name's, with a message saying how to change it.
+    """
+    wanted = architecture_for_name(name)[0] if name else None
+    have = imported.config.activation
+    asked = arch.get("activation")
+    if asked is not None and asked != have and imported.activation_known:
+        raise ConfigError(f"the pretrained weights ({imported.source}) were trained with the {have} activation; "
+                          f"--model.arch.activation {asked} would silently change every output. Remove the "
+                          "override to fine-tune them as they are")
+    cfg = from_dict(CLIPConfig, _merge(to_dict(imported.config), arch))
+    if not imported.activation_known:
+        act = asked or (wanted.activation if wanted else have)
+        cfg = replace(cfg, activation=act)
+        say(f"note: the {imported.source} does not record its activation; using {act}. OpenAI-trained weights "
+            "and open_clip's *-quickgelu models need --model.arch.activation quick_gelu (or --model.name "
+            "ViT-B-32-quickgelu etc.)")
+    elif wanted is not None and wanted.activation != have and asked is None:
+        say(f"model {name} uses the {wanted.activation} activation but the pretrained weights ({imported.source}) "
+            f"were trained with {have}: switching the architecture's activation to {have}")
+    return cfg
+
+
+def _merge(base: dict, updates: dict) -> dict:
+    from cliptrain.typed import deep_update
+    return deep_update(base, updates)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+def export_open_clip(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: str | Path,
+                     name: str = "cliptrain-export") -> Path:
+    """Write an open_clip directory: open_clip_config.json (model + preprocess config, the hub layout
+    open_clip reads with ``local-dir:``), ``NAME.json`` (the model config alone, for
+    ``open_clip.add_model_config``), open_clip_model.safetensors and, when there is one, tokenizer.json."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = open_clip.config_to_open_clip(model.cfg)
+    pre = {"size": preprocess.image_size, "mean": list(preprocess.mean), "std": list(preprocess.std),
+           "interpolation": preprocess.interpolation, "resize_mode": preprocess.resize_mode}
+    (out / open_clip.CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(model_cfg, indent=1))
+    sd = open_clip.state_dict_to_open_clip(model.state_dict())
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, str(out / open_clip.SAFETENSORS_FILE))
+    if tokenizer is not None:
+        tokenizer.save(out / TOKENIZER_FILE)
+    return out
+
+
+def export_hf(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: str | Path) -> Path:
+    """Write a Hugging Face CLIPModel directory: config.json, model.safetensors, preprocessor_config.json and
+    (for the CLIP BPE) vocab.json / merges.txt / tokenizer_config.json."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    config = hf.config_to_hf_clip(model.cfg, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    sd = hf.state_dict_to_hf_clip(model.state_dict())
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    p = preprocess
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        hf.preprocess_to_hf(p.image_size, p.mean, p.std, p.interpolation, p.resize_mode), indent=1))
+    if tokenizer is not None and getattr(tokenizer, "is_clip_bpe", False):
+        write_hf_tokenizer(tokenizer, out)
+    elif tokenizer is not None:
+        tokenizer.save(out / "cliptrain_tokenizer.json")
+    return out

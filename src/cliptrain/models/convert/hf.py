@@ -1,0 +1,230 @@
+"""Hugging Face `CLIPModel` and `SiglipModel` directories: config.json, model.safetensors, tokenizer and
+preprocessor files. Reading and writing the files needs no transformers; only SigLIP's SentencePiece
+tokenizer is read through transformers (see `cliptrain.models.convert.tokenizers`)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from cliptrain.models.config import CLIPConfig, TextConfig, VisionConfig
+
+ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh", "gelu_fast": None}
+# PIL resample numbers used by Hugging Face image processors
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+_LAYER_RULES = [(".self_attn.out_proj.", ".attn.out."), (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."),
+                (".mlp.fc1.", ".mlp.fc1."), (".mlp.fc2.", ".mlp.fc2.")]
+_CLIP_RULES = [("vision_model.embeddings.patch_embedding.", "visual.patch_embed."),
+               ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
+               ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
+               ("vision_model.pre_layrnorm.", "visual.ln_pre."), ("vision_model.post_layernorm.", "visual.ln_post."),
+               ("vision_model.encoder.layers.", "visual.transformer.blocks."),
+               ("text_model.embeddings.token_embedding.", "text.token_embedding."),
+               ("text_model.embeddings.position_embedding.weight", "text.positional_embedding"),
+               ("text_model.encoder.layers.", "text.transformer.blocks."),
+               ("text_model.final_layer_norm.", "text.ln_final.")]
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+def _activation(name: str, source: str) -> str:
+    act = ACTIVATIONS.get(name)
+    if act is None:
+        raise ValueError(f"{source}: hidden_act {name!r} is not supported (quick_gelu, gelu, gelu_pytorch_tanh)")
+    return act
+
+
+def config_from_hf(config: dict, source: str = "config.json") -> CLIPConfig:
+    """Our architecture for a Hugging Face CLIPModel / SiglipModel config.json."""
+    kind = config.get("model_type")
+    if kind not in ("clip", "siglip"):
+        raise ValueError(f"{source}: model_type {kind!r} is not supported; cliptrain imports CLIPModel ('clip') "
+                         "and SiglipModel ('siglip') directories")
+    v, t = config.get("vision_config", {}), config.get("text_config", {})
+    acts = {_activation(v.get("hidden_act", "quick_gelu"), source), _activation(t.get("hidden_act", "quick_gelu"),
+                                                                                 source)}
+    if len(acts) != 1 or v.get("layer_norm_eps", 1e-5) != t.get("layer_norm_eps", 1e-5):
+        raise ValueError(f"{source}: the towers use different activations or norm eps; cliptrain uses one for both")
+    vw, tw = v.get("hidden_size", 768), t.get("hidden_size", 512)
+    siglip = kind == "siglip"
+    if siglip and not v.get("vision_use_head", True):
+        raise ValueError(f"{source}: SigLIP without the vision MAP head (vision_use_head false) is not supported")
+    vocab = t.get("vocab_size", 49408)
+    eot = t.get("eos_token_id", 49407 if not siglip else 1)
+    if (not siglip and eot == 2) or not 0 <= eot < vocab:
+        eot = vocab - 1   # transformers' legacy rule: eos_token_id 2 means "pool at argmax(ids)", the CLIP eot
+    vision = VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32), width=vw,
+                          layers=v.get("num_hidden_layers", 12), heads=v.get("num_attention_heads", 12),
+                          mlp_ratio=v.get("intermediate_size", 4 * vw) / vw, patch_bias=siglip,
+                          class_token=not siglip, ln_pre=not siglip, pool="map" if siglip else "cls")
+    text = TextConfig(vocab_size=vocab, context_length=t.get("max_position_embeddings", 77 if not siglip else 64),
+                      width=tw, layers=t.get("num_hidden_layers", 12), heads=t.get("num_attention_heads", 8),
+                      mlp_ratio=t.get("intermediate_size", 4 * tw) / tw, pad_token_id=t.get("pad_token_id", 1),
+                      eot_token_id=eot, causal=not siglip, pool="last" if siglip else "eot", proj_bias=siglip)
+    if siglip:
+        embed = t.get("projection_size") or tw
+        if embed != vw:
+            raise ValueError(f"{source}: the text projection ({embed}) must match the vision width ({vw})")
+        return CLIPConfig(embed_dim=embed, vision=vision, text=text, activation=acts.pop(),
+                          norm_eps=v.get("layer_norm_eps", 1e-6), init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    return CLIPConfig(embed_dim=config.get("projection_dim", 512), vision=vision, text=text, activation=acts.pop(),
+                      norm_eps=v.get("layer_norm_eps", 1e-5),
+                      init_logit_scale=config.get("logit_scale_init_value", math.log(1 / 0.07)))
+
+
+def config_to_hf_clip(cfg: CLIPConfig, tokenizer=None) -> dict:
+    """config.json of a Hugging Face CLIPModel equal to `cfg` (a CLIP-style model)."""
+    v, t = cfg.vision, cfg.text
+    if not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre or not t.causal or t.pool != "eot" \
+            or t.proj_bias:
+        raise ValueError("only CLIP-style models export to a Hugging Face CLIPModel; this one has SigLIP features")
+    if t.eot_token_id == 2:
+        raise ValueError("transformers' CLIPModel pools text at argmax(input_ids) when eos_token_id is 2, so a "
+                         "model whose end-of-text id is 2 (a tokenizer learned by cliptrain) would be read wrong; "
+                         "export it with --format open_clip, or train with the CLIP BPE "
+                         "(--tokenizer.path bpe_simple_vocab_16e6.txt.gz) to export to Hugging Face")
+    act = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation]
+    sot = tokenizer.sot_id if tokenizer is not None else t.eot_token_id - 1
+    common = {"hidden_act": act, "layer_norm_eps": cfg.norm_eps, "projection_dim": cfg.embed_dim}
+    return {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": cfg.init_logit_scale, "torch_dtype": "float32",
+        "text_config": {**common, "model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
+                        "intermediate_size": _hidden(t.width, t.mlp_ratio), "num_hidden_layers": t.layers,
+                        "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
+                        "bos_token_id": sot, "eos_token_id": t.eot_token_id, "pad_token_id": t.pad_token_id},
+        "vision_config": {**common, "model_type": "clip_vision_model", "hidden_size": v.width,
+                          "intermediate_size": _hidden(v.width, v.mlp_ratio), "num_hidden_layers": v.layers,
+                          "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,
+                          "num_channels": 3},
+    }
+
+
+def _hidden(width: int, ratio: float) -> int:
+    from cliptrain.models.layers import mlp_hidden
+    return mlp_hidden(width, ratio)
+
+
+def preprocess_from_hf(path: Path) -> dict:
+    """Size / mean / std / interpolation / resize mode of a preprocessor_config.json ({} when absent)."""
+    if not path.is_file():
+        return {}
+    p = json.loads(path.read_text())
+    out = {"mean": tuple(p["image_mean"]), "std": tuple(p["image_std"])} if "image_mean" in p else {}
+    if p.get("resample") in RESAMPLE:
+        out["interpolation"] = RESAMPLE[p["resample"]]
+    size = p.get("size", {})
+    if isinstance(size, dict) and "shortest_edge" in size and p.get("do_center_crop", True):
+        out["resize_mode"] = "shortest"
+    elif isinstance(size, dict) and "height" in size:
+        out["resize_mode"] = "squash"
+    return out
+
+
+def preprocess_to_hf(image_size: int, mean, std, interpolation: str, resize_mode: str) -> dict:
+    """preprocessor_config.json of a CLIPImageProcessor doing our eval transform."""
+    resample = {name: n for n, name in RESAMPLE.items()}[interpolation]
+    crop = resize_mode == "shortest"
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "do_center_crop": crop,
+            "size": {"shortest_edge": image_size} if crop else {"height": image_size, "width": image_size},
+            "crop_size": {"height": image_size, "width": image_size}, "resample": resample,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean),
+            "image_std": list(std), "do_convert_rgb": True}
+
+
+# ------------------------------------------------------------------------------------ state dicts
+
+def _layer_key(key: str) -> str:
+    for theirs, ours in _LAYER_RULES:
+        key = key.replace(theirs, ours)
+    return key
+
+
+def _fuse_qkv(sd: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    """q_proj / k_proj / v_proj of each layer -> one qkv Linear (q, k, v stacked, as ours and open_clip)."""
+    for key in [k for k in sd if ".self_attn.q_proj." in k]:
+        prefix, kind = key.split(".self_attn.q_proj.")
+        parts = [sd[f"{prefix}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+        out[_rename(f"{prefix}.attn.qkv.{kind}")] = torch.cat(parts, dim=0)
+
+
+def _rename(key: str) -> str:
+    for theirs, ours in _CLIP_RULES:
+        if key.startswith(theirs):
+            return _layer_key(ours + key[len(theirs):])
+    return key
+
+
+def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: CLIPConfig) -> dict[str, torch.Tensor]:
+    """A CLIPModel / SiglipModel state dict -> ours (SigLIP's vision output is projected by an identity)."""
+    out: dict[str, torch.Tensor] = {}
+    _fuse_qkv(sd, out)
+    siglip = cfg.vision.pool == "map"
+    for key, value in sd.items():
+        if re.search(r"\.self_attn\.[qkv]_proj\.", key) or key.endswith("position_ids"):
+            continue
+        if key.startswith("vision_model.head."):
+            out.update(_map_head_from_hf(key, value))
+        elif key in ("visual_projection.weight", "text_projection.weight", "text_model.head.weight"):
+            out["visual.proj" if key.startswith("visual") else "text.text_projection"] = value.t().contiguous()
+        elif key == "text_model.head.bias":
+            out["text.text_projection_bias"] = value
+        elif key in ("logit_scale", "logit_bias"):
+            out[key] = value.reshape(())
+        else:
+            new = _rename(key)
+            if new == key:
+                raise ValueError(f"unexpected weight {key!r} in a Hugging Face {'SigLIP' if siglip else 'CLIP'} "
+                                 "state dict; this variant is not supported")
+            out[new] = value
+    if siglip:
+        out["visual.proj"] = torch.eye(cfg.vision.width)
+    return out
+
+
+def _map_head_from_hf(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    rest = key[len("vision_model.head."):]
+    if rest == "probe":
+        return {"visual.map_head.probe": value}
+    if rest.startswith("attention.in_proj_"):
+        kind = rest.rsplit("_", 1)[1]
+        w = value.shape[0] // 3
+        return {f"visual.map_head.q.{kind}": value[:w], f"visual.map_head.kv.{kind}": value[w:]}
+    rest = rest.replace("attention.out_proj.", "out.").replace("layernorm.", "ln.")
+    return {f"visual.map_head.{rest}": value}
+
+
+def state_dict_to_hf_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict (a CLIP-style model) -> a Hugging Face CLIPModel's."""
+    inverse = [(ours, theirs) for theirs, ours in _CLIP_RULES]
+    layer_inverse = [(ours, theirs) for theirs, ours in _LAYER_RULES]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key == "visual.proj":
+            out["visual_projection.weight"] = value.t().contiguous()
+            continue
+        if key == "text.text_projection":
+            out["text_projection.weight"] = value.t().contiguous()
+            continue
+        if key == "logit_scale":
+            out[key] = value.reshape(())
+            continue
+        new = key
+        for ours, theirs in inverse:
+            if key.startswith(ours):
+                new = theirs + key[len(ours):]
+                break
+        for ours, theirs in layer_inverse:
+            new = new.replace(ours, theirs)
+        if ".attn.qkv." in new:
+            prefix, kind = new.split(".attn.qkv.")
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{prefix}.self_attn.{name}_proj.{kind}"] = part.contiguous()
+            continue
+        out[new] = value.contiguous()
+    return out

@@ -1,0 +1,212 @@
+"""open_clip and OpenAI CLIP checkpoints: configs, state-dict key names, files.
+
+open_clip's ViT CLIP and OpenAI's `clip` package share one state-dict layout (`visual.conv1`,
+`transformer.resblocks.N.attn.in_proj_weight`, `text_projection`, `logit_scale`, ...); OpenAI's
+JIT/state-dict files add `input_resolution`, `context_length` and `vocab_size` entries and always use
+QuickGELU. Nothing here imports open_clip: the layout is plain data.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cliptrain.models.config import CLIPConfig, TextConfig, VisionConfig
+
+CONFIG_FILE = "open_clip_config.json"         # open_clip's hub layout: {"model_cfg": ..., "preprocess_cfg": ...}
+WEIGHTS_FILE = "open_clip_pytorch_model.bin"  # torch.save'd state dict (read by open_clip and by torch.load)
+SAFETENSORS_FILE = "open_clip_model.safetensors"
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+# open_clip's ViT CLIP model names -> (cliptrain architecture, activation). The shapes are equal
+# (tests/test_convert.py checks this table against open_clip's own JSON configs when it is installed).
+OPEN_CLIP_NAMES: dict[str, tuple[str, str]] = {
+    "ViT-B-32": ("vit-b-32", "gelu"), "ViT-B-32-quickgelu": ("vit-b-32", "quick_gelu"),
+    "ViT-B-16": ("vit-b-16", "gelu"), "ViT-B-16-quickgelu": ("vit-b-16", "quick_gelu"),
+    "ViT-L-14": ("vit-l-14", "gelu"), "ViT-L-14-quickgelu": ("vit-l-14", "quick_gelu"),
+}
+
+_BLOCK_RULES = [("transformer.resblocks.", "transformer.blocks."), (".attn.in_proj_weight", ".attn.qkv.weight"),
+                (".attn.in_proj_bias", ".attn.qkv.bias"), (".attn.out_proj.", ".attn.out."),
+                (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
+# open_clip / OpenAI features our towers do not have: refused on import rather than silently dropped.
+_UNSUPPORTED_VISION = {"timm_model_name": None, "attentional_pool": False, "ls_init_value": None,
+                       "no_ln_pre": False, "final_ln_after_pool": False, "pool_type": "tok",
+                       "pos_embed_type": "learnable", "input_patchnorm": False, "output_tokens": False}
+_UNSUPPORTED_TEXT = {"hf_model_name": None, "embed_cls": False, "ls_init_value": None, "final_ln_after_pool": False,
+                     "proj_type": "linear", "output_tokens": False}
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> CLIPConfig:
+    """Our architecture for an open_clip model config (the JSON of `open_clip/model_configs`)."""
+    v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
+    if "multimodal_cfg" in model_cfg:
+        # CoCa: converted by cliptrain.models.convert once the CoCa model (branch `coca`) lands.
+        raise NotImplementedError(f"{source} is a CoCa model; CoCa import is not available yet (see "
+                                  "cliptrain/models/convert/__init__.py, COCA_HOOK)")
+    bad = [f"vision_cfg.{k}={v[k]!r}" for k, ok in _UNSUPPORTED_VISION.items() if v.get(k, ok) != ok]
+    bad += [f"text_cfg.{k}={t[k]!r}" for k, ok in _UNSUPPORTED_TEXT.items() if t.get(k, ok) != ok]
+    if isinstance(v.get("layers"), (list, tuple)):
+        bad.append("vision_cfg.layers (a ResNet)")
+    if bad:
+        raise ValueError(f"{source} uses features cliptrain models do not have: {', '.join(bad)}; "
+                         "only open_clip's plain ViT CLIP configs (ViT-B-32, ViT-B-16, ViT-L-14, ...) import")
+    width = v.get("width", 768)
+    vision = VisionConfig(image_size=_size(v.get("image_size", 224)), patch_size=_size(v.get("patch_size", 16)),
+                          width=width, layers=v.get("layers", 12), heads=width // v.get("head_width", 64),
+                          mlp_ratio=v.get("mlp_ratio", 4.0), patch_dropout=v.get("patch_dropout", 0.0))
+    vocab = t.get("vocab_size", 49408)
+    pool = t.get("pool_type", "argmax")
+    if pool not in ("argmax", "eos", "last"):
+        raise ValueError(f"{source}: text_cfg.pool_type {pool!r} is not supported (argmax, eos or last)")
+    eot = vocab - 1 if pool == "argmax" else t.get("eos_id", 2)   # argmax: eot is the largest id (CLIP BPE)
+    text = TextConfig(vocab_size=vocab, context_length=t.get("context_length", 77), width=t.get("width", 512),
+                      layers=t.get("layers", 12), heads=t.get("heads", 8), mlp_ratio=t.get("mlp_ratio", 4.0),
+                      pad_token_id=t.get("pad_id", 0), eot_token_id=eot, causal=not t.get("no_causal_mask", False),
+                      pool="last" if pool == "last" else "eot", proj_bias=t.get("proj_bias", False))
+    extra = {}
+    if model_cfg.get("init_logit_bias") is not None:
+        extra["init_logit_bias"] = float(model_cfg["init_logit_bias"])
+    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text,
+                      activation="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", **extra)
+
+
+def config_to_open_clip(cfg: CLIPConfig) -> dict:
+    """The open_clip model config that builds the same network as `cfg`."""
+    v, t = cfg.vision, cfg.text
+    if cfg.activation == "gelu_tanh" or not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre:
+        raise ValueError("only CLIP-style ViT models (class token, ln_pre, gelu / quick_gelu) export to open_clip; "
+                         "this model has SigLIP features")
+    if cfg.norm_eps != 1e-5:
+        raise ValueError(f"open_clip's LayerNorm uses eps 1e-5; this model has norm_eps {cfg.norm_eps}")
+    text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
+            "layers": t.layers, "mlp_ratio": t.mlp_ratio, "pad_id": t.pad_token_id}
+    if t.pool == "last":
+        text["pool_type"] = "last"
+    elif t.eot_token_id != t.vocab_size - 1:  # argmax finds eot only when it is the largest id
+        text.update(pool_type="eos", eos_id=t.eot_token_id)
+    if not t.causal:
+        text["no_causal_mask"] = True
+    if t.proj_bias:
+        text["proj_bias"] = True
+    out: dict[str, Any] = {"embed_dim": cfg.embed_dim}
+    if cfg.activation == "quick_gelu":
+        out["quick_gelu"] = True
+    if cfg.init_logit_bias is not None:
+        out["init_logit_bias"] = cfg.init_logit_bias
+    out["vision_cfg"] = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
+                         "patch_size": v.patch_size, "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio}
+    out["text_cfg"] = text
+    return out
+
+
+def config_from_openai_state_dict(sd: dict[str, torch.Tensor]) -> CLIPConfig:
+    """The architecture of an OpenAI-layout ViT state dict, read from its shapes (heads = width / 64, as
+    OpenAI's `build_model`); OpenAI models use QuickGELU."""
+    if "visual.conv1.weight" not in sd:
+        raise ValueError("not a ViT CLIP state dict (no visual.conv1.weight); ResNet CLIP models do not import")
+    width = sd["visual.conv1.weight"].shape[0]
+    patch = sd["visual.conv1.weight"].shape[-1]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+    text_width = sd["ln_final.weight"].shape[0]
+    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    vocab = sd["token_embedding.weight"].shape[0]
+    mlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width
+    vision = VisionConfig(image_size=patch * grid, patch_size=patch, width=width, layers=layers,
+                          heads=width // 64, mlp_ratio=mlp)
+    text = TextConfig(vocab_size=vocab, context_length=sd["positional_embedding"].shape[0], width=text_width,
+                      layers=text_layers, heads=text_width // 64, eot_token_id=vocab - 1,
+                      mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width)
+    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text, activation="quick_gelu")
+
+
+def _size(value) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"non-square image / patch size {value} is not supported")
+        return int(value[0])
+    return int(value)
+
+
+# ------------------------------------------------------------------------------------ state dicts
+
+def state_dict_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_clip / OpenAI key names and shapes -> ours."""
+    out = {}
+    for key, value in sd.items():
+        if key in OPENAI_EXTRA_KEYS or key == "attn_mask" or key.endswith(".attn_mask"):
+            continue
+        if key == "text_projection.weight":      # open_clip's proj_bias=True: a Linear
+            out["text.text_projection"] = value.t().contiguous()
+            continue
+        if key == "text_projection.bias":
+            out["text.text_projection_bias"] = value
+            continue
+        new = key.replace("visual.conv1.", "visual.patch_embed.")
+        for theirs, ours in _BLOCK_RULES:
+            new = new.replace(theirs, ours)
+        if not new.startswith(("visual.", "logit_")):
+            new = "text." + new
+        out[new] = value.reshape(()) if new.startswith("logit_") else value
+    return out
+
+
+def state_dict_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our key names -> open_clip's."""
+    out = {}
+    for key, value in sd.items():
+        if key == "text.text_projection" and "text.text_projection_bias" in sd:
+            out["text_projection.weight"] = value.t().contiguous()
+            continue
+        if key == "text.text_projection_bias":
+            out["text_projection.bias"] = value
+            continue
+        new = key.replace("visual.patch_embed.", "visual.conv1.")
+        for theirs, ours in _BLOCK_RULES:
+            new = new.replace(ours, theirs)
+        out[re.sub(r"^text\.", "", new)] = value
+    return out
+
+
+def is_openai_layout(sd: dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict comes from OpenAI's `clip` package (it carries its input sizes as entries)."""
+    return any(k in sd for k in OPENAI_EXTRA_KEYS)
+
+
+def load_state_dict_file(path: str | Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict, is a TorchScript archive) of a .pt / .bin / .safetensors file; TorchScript archives
+    (OpenAI's released files) are read with torch.jit.load, anything else with weights_only=True."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path)), False
+    jit = zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
+    if jit:
+        with warnings.catch_warnings():   # torch.jit.load is deprecated, and the only reader of these files
+            warnings.simplefilter("ignore", FutureWarning)
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):   # open_clip training checkpoints
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, jit
+
+
+def read_config_file(path: Path) -> tuple[dict, dict]:
+    """(model_cfg, preprocess_cfg) of an open_clip_config.json or a bare model-config JSON."""
+    data = json.loads(path.read_text())
+    if "model_cfg" in data:
+        return data["model_cfg"], data.get("preprocess_cfg", {})
+    return data, {}
