@@ -17,6 +17,8 @@ class ModelOutput:
     """What a forward pass returns: L2-normalised features and the (exponentiated) temperature.
 
     The teacher_* fields are filled by the training step when distilling from a teacher model.
+    A CoCa also returns its decoder's next-token logits [B, L-1, vocab] and their targets [B, L-1]
+    (the input tokens shifted by one).
     """
     image_features: torch.Tensor
     text_features: torch.Tensor
@@ -25,6 +27,8 @@ class ModelOutput:
     teacher_image_features: torch.Tensor | None = None
     teacher_text_features: torch.Tensor | None = None
     teacher_logit_scale: torch.Tensor | None = None
+    caption_logits: torch.Tensor | None = None
+    caption_labels: torch.Tensor | None = None
 
 
 class CLIP(nn.Module):
@@ -33,11 +37,14 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation)
+        self.visual = self._make_visual(cfg)
         self.text = TextTransformer(cfg.text, cfg.embed_dim, cfg.activation)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = (nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
                            if cfg.init_logit_bias is not None else None)
+
+    def _make_visual(self, cfg: CLIPConfig) -> VisionTransformer:
+        return VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[B, 3, H, W] -> [B, embed_dim] image features (L2-normalised by default)."""

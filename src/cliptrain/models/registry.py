@@ -31,10 +31,18 @@ def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
     return from_dict(CLIPConfig, deep_update(data, to_dict(overrides)), prefix="")
 
 
+def build_model(cfg: CLIPConfig) -> CLIP:
+    """The model class a config describes: a CoCa when it has a multimodal section, else a CLIP."""
+    if cfg.multimodal is not None:
+        from cliptrain.models.coca import CoCa
+        return CoCa(cfg)
+    return CLIP(cfg)
+
+
 def create_model(name: str | CLIPConfig, **overrides: Any) -> CLIP:
-    """Build a randomly initialised model from a config name (or config) with optional overrides."""
+    """Build a randomly initialised model (CLIP or CoCa) from a config name (or config) with optional overrides."""
     if isinstance(name, CLIPConfig):
         cfg = from_dict(CLIPConfig, deep_update(to_dict(name), to_dict(overrides)))
     else:
         cfg = get_model_config(name, **overrides)
-    return CLIP(cfg)
+    return build_model(cfg)

@@ -15,7 +15,7 @@ from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDatase
 from cliptrain.data.tables import TableSource
 from cliptrain.distributed import World, broadcast_object
 from cliptrain.evaluation.evaluate import EvalSet
-from cliptrain.models import CLIP, create_model
+from cliptrain.models import CLIP, build_model, create_model
 from cliptrain.models.config import CLIPConfig
 from cliptrain.models.registry import get_model_config
 from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
@@ -172,7 +172,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint directory: {name} is missing")
     data = yaml.safe_load((path / "config.yaml").read_text())
-    model = CLIP(from_dict(CLIPConfig, data["model"]["arch"]))
+    model = build_model(from_dict(CLIPConfig, data["model"]["arch"]))
     ckpt.load_model_weights(model, path)
     cfg = from_dict(RunConfig, data)
     return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json"), cfg
