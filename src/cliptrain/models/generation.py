@@ -101,10 +101,21 @@ def _beam(model, image_tokens: torch.Tensor, sot_id: int, max_length: int, width
         beam, token = index // vocab, index % vocab
         seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, seqs.shape[2])), token[..., None]], dim=2)
         finished = finished.gather(1, beam) | (token == eot)
-    lengths = _lengths(seqs, eot).float()
-    ranked = scores / lengths ** length_penalty if length_penalty else scores
+        if not length_penalty and _settled(scores, finished):
+            break
+    lengths = _lengths(seqs, eot)
+    ranked = scores / lengths.float() ** length_penalty if length_penalty else scores
     best = ranked.argmax(dim=1)
-    return seqs[torch.arange(b, device=device), best]
+    rows = torch.arange(b, device=device)
+    return seqs[rows, best, :int(lengths[rows, best].max()) + 1]
+
+
+def _settled(scores: torch.Tensor, finished: torch.Tensor) -> bool:
+    """Whether every image's best finished beam scores at least its best live one: log-probs only fall
+    as a beam grows, so (ranking by plain log-prob) no live beam can overtake it."""
+    best_done = scores.masked_fill(~finished, float("-inf")).amax(dim=1)
+    best_live = scores.masked_fill(finished, float("-inf")).amax(dim=1)
+    return bool((best_done >= best_live).all())
 
 
 def _lengths(seqs: torch.Tensor, eot: int) -> torch.Tensor:
