@@ -63,7 +63,8 @@ class CLIP(nn.Module):
     def lock_image_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the image tower (LiT), leaving its last `unlocked_layers` blocks, final norm and projection
         trainable when `unlocked_layers` > 0."""
-        _lock(self.visual, self.visual.transformer.blocks, (self.visual.ln_post, self.visual.proj), unlocked_layers)
+        head = (self.visual.ln_post, self.visual.proj, *getattr(self.visual, "poolers", ()))
+        _lock(self.visual, self.visual.transformer.blocks, head, unlocked_layers)
 
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the text tower, leaving its last `unlocked_layers` blocks, final norm and projection trainable

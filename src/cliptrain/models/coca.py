@@ -28,6 +28,11 @@ class PooledVisionTransformer(VisionTransformer):
         self.contrastive_pool = AttentionalPooler(cfg.width, cfg.width, mm.pool_heads, 1)
         self.caption_pool = AttentionalPooler(decoder_width, cfg.width, mm.pool_heads, mm.image_tokens)
 
+    @property
+    def poolers(self) -> tuple[nn.Module, ...]:
+        """The poolers: part of the tower's head (left trainable with its unlocked blocks, see lock_image_tower)."""
+        return self.contrastive_pool, self.caption_pool
+
     def forward(self, images: torch.Tensor, return_tokens: bool = False):
         """[B, 3, H, W] -> [B, embed_dim] unnormalised features; with `return_tokens`, (features, the
         [B, image_tokens, decoder width] tokens the decoder attends to)."""
