@@ -61,6 +61,14 @@ def test_create_model_builds_a_coca_that_encodes_like_clip():
     assert torch.allclose(out.image_features.norm(dim=-1), torch.ones(4))
 
 
+def test_coca_vit_b_32_has_open_clip_shapes():
+    with torch.device("meta"):
+        model = create_model("coca-vit-b-32")
+    assert sum(p.numel() for p in model.parameters()) == 256_057_345
+    assert model.visual.caption_pool.query.shape == (256, 512) and len(model.decoder.blocks) == 12
+    assert model.decoder.head.weight.shape == (49408, 512)
+
+
 def test_caption_loss_values_and_gradients_match_the_reference():
     _, texts = batch()
     logits = torch.randn(8, 15, 512, requires_grad=True)
@@ -158,10 +166,11 @@ def test_sampling_is_reproducible_from_its_generator_and_respects_max_length():
     draws = [model.generate(images, SOT, method=m, max_length=7, temperature=1.5,
                             generator=torch.Generator().manual_seed(5)) for m in ("top-p", "top-p", "top-k")]
     assert torch.equal(draws[0], draws[1])
+    greedy = model.generate(images, SOT, method="greedy", max_length=7)
+    assert torch.equal(model.generate(images, SOT, method="top-p", top_p=1e-6, max_length=7), greedy)
     for ids in draws + [model.generate(images, SOT, method="beam", max_length=7)]:
         assert ids.shape[1] <= 7 and torch.equal(ids[:, 0], torch.full((4,), SOT))
-    greedy = model.generate(images, SOT, method="greedy")
-    assert greedy.shape[1] <= 16  # the context length caps max_length
+    assert model.generate(images, SOT, method="greedy").shape[1] <= 16  # the context length caps max_length
 
 
 def test_generation_stops_at_the_end_token():
@@ -178,6 +187,14 @@ def test_generation_stops_at_the_end_token():
         model.decoder.head.weight[EOT] = 0
     ids = model.generate(images, SOT, method="greedy", max_length=6)
     assert ids.shape == (3, 6)
+
+
+def test_a_caption_names_a_class_as_whole_words():
+    from cliptrain.evaluation.captioning import caption_accuracy, names_class
+    assert names_class("a small blue square above a large red circle.", "red circle")
+    assert not names_class("a red square above a blue circle", "red circle")
+    assert not names_class("a bred circle", "red circle")
+    assert caption_accuracy(["a red circle", "a red star"], [0, 0], ["red circle"]) == 0.5
 
 
 def coca_config(tmp_path, **train):
@@ -218,6 +235,15 @@ def test_coca_trains_checkpoints_resumes_and_captions(tmp_path, capsys):
         lines = capsys.readouterr().out.strip().splitlines()
         assert [line.split("\t")[0] for line in lines] == list(map(str, paths)), options
         assert all(len(line.split("\t")) == 2 for line in lines)
+
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "caption_accuracy.py"
+    spec = importlib.util.spec_from_file_location("caption_accuracy", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    accuracy = example.main([last, "--limit", "6", "--method", "greedy", "--examples", "2"])
+    assert accuracy["images"] == 6 and 0 <= accuracy["primary_colour_and_shape"] <= 1
 
 
 def test_caption_command_refuses_a_clip_checkpoint(tmp_path, capsys):
