@@ -1,4 +1,5 @@
-"""Training objectives. Each takes a `ModelOutput` and returns named scalar losses."""
+"""Training objectives. Each takes a `ModelOutput` and returns named scalar losses (CoCa's `CaptionLoss` also
+gives the token sums the training step divides by the global token count)."""
 from __future__ import annotations
 
 import torch
@@ -127,7 +128,6 @@ class DistillLoss(nn.Module):
             output.image_features, output.text_features, output.logit_scale, output.teacher_image_features,
             output.teacher_text_features, output.teacher_logit_scale)
         return losses
-
 
     def token_sums(self, output: ModelOutput) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The base objective's token-summed losses (see `CaptionLoss.token_sums`)."""
