@@ -169,7 +169,8 @@ def cmd_caption(argv: list[str]) -> int:
     parser.add_argument("--length-penalty", type=float, default=0.0,
                         help="beam search ranks finished captions by log-prob / length ** this (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=50, help="top-k sampling: candidates (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="top-p sampling: probability mass (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=0.9,
+                        help="top-p sampling: probability mass (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="most tokens per caption, start and end tokens included (default: the context length)")
@@ -246,8 +247,8 @@ def cmd_models(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "caption": cmd_caption, "report": cmd_report, "tokenizer": cmd_tokenizer,
-            "models": cmd_models}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "caption": cmd_caption, "report": cmd_report,
+            "tokenizer": cmd_tokenizer, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

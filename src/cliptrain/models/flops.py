@@ -34,7 +34,8 @@ def _coca_flops(cfg: CLIPConfig, image_tokens: int) -> float:
         pools += 2 * (2 * n * width * width + image_tokens * v.width * 2 * width) + 4 * n * image_tokens * width
     hidden = int(w * m.mlp_ratio)
     cross = 2 * (2 * length * w * w + queries * w * 2 * w) + 4 * length * queries * w + 4 * length * w * hidden
-    return pools + _tower_flops(w, m.layers, length, m.mlp_ratio) + m.layers * cross + 2 * length * w * cfg.text.vocab_size
+    head = 2 * length * w * cfg.text.vocab_size
+    return pools + _tower_flops(w, m.layers, length, m.mlp_ratio) + m.layers * cross + head
 
 
 def train_flops(cfg: CLIPConfig) -> float:
