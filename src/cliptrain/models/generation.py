@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 Method = Literal["greedy", "beam", "top-k", "top-p"]
 METHODS: tuple[str, ...] = ("greedy", "beam", "top-k", "top-p")
@@ -20,10 +21,12 @@ def generate(model, images: torch.Tensor, sot_id: int, method: Method = "greedy"
     """Token ids [B, T] of one caption per image: `sot_id`, the generated tokens, the end-of-text token
     (unless cut at `max_length`), then padding; T <= `max_length` (default and cap: the context length).
 
-    greedy: the most likely token each step. beam: the best of `beam_width` hypotheses kept by summed
-    log-probability; finished ones are ranked by log-prob / length ** `length_penalty` (0: plain
-    log-prob). top-k / top-p: sample from the `top_k` most likely tokens / the smallest set holding
-    probability `top_p`, after dividing the logits by `temperature`, drawing from `generator`.
+    greedy: the most likely token each step. beam: beam search keeping the `beam_width` likeliest
+    live prefixes and the `beam_width` best finished captions, ranked by log-prob / generated
+    tokens ** `length_penalty` (0: plain log-prob); like any beam search it usually, not always,
+    finds a likelier caption than greedy search. top-k / top-p: sample from the `top_k` most likely
+    tokens / the smallest set holding probability `top_p`, after dividing the logits by
+    `temperature`, drawing from `generator`.
     Greedy and beam search are deterministic; beam search with width 1 is greedy search.
     """
     text = model.cfg.text
@@ -82,40 +85,41 @@ def _sample(logits: torch.Tensor, top_k: int | None, top_p: float | None,
 
 def _beam(model, image_tokens: torch.Tensor, sot_id: int, max_length: int, width: int,
           length_penalty: float) -> torch.Tensor:
-    """Beam search: each step keeps the `width` best continuations (by summed log-prob) of every image's
-    beams; a finished beam stays a candidate unchanged (extended with padding at log-prob 0)."""
+    """Beam search. Each step scores every continuation of each image's `width` live beams by summed
+    log-prob; candidates ending in end-of-text among the best `width` enter a pool of finished
+    captions (the best `width` kept, ranked by log-prob / generated tokens ** `length_penalty`), and
+    the best `width` that did not end stay live. It stops when no live beam can still beat the best
+    finished caption, or at `max_length` (live beams then count as finished)."""
     eot, pad = model.cfg.text.eot_token_id, model.cfg.text.pad_token_id
     b, device = image_tokens.shape[0], image_tokens.device
     image_tokens = image_tokens.repeat_interleave(width, dim=0)
     seqs = torch.full((b, width, 1), sot_id, dtype=torch.long, device=device)
     scores = torch.full((b, width), float("-inf"), device=device)
-    scores[:, 0] = 0.0                                        # one live beam to start from
-    finished = torch.zeros(b, width, dtype=torch.bool, device=device)
-    while seqs.shape[2] < max_length and not finished.all():
+    scores[:, 0] = 0.0                                                   # one live beam to start from
+    done = torch.full((b, width, max_length), pad, dtype=torch.long, device=device)
+    done_scores = torch.full((b, width), float("-inf"), device=device)
+    positions = torch.arange(2 * width, device=device)
+    while True:
+        t = seqs.shape[2]                                                 # tokens so far, start token included
         logp = _next_logprobs(model, image_tokens, seqs.flatten(0, 1)).view(b, width, -1)
-        vocab = logp.shape[-1]
-        stay = torch.full_like(logp, float("-inf"))
-        stay[..., pad] = 0.0
-        candidates = scores[..., None] + torch.where(finished[..., None], stay, logp)
-        scores, index = candidates.flatten(1).topk(width, dim=1)        # sorted, best first
-        beam, token = index // vocab, index % vocab
-        seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, seqs.shape[2])), token[..., None]], dim=2)
-        finished = finished.gather(1, beam) | (token == eot)
-        if not length_penalty and _settled(scores, finished):
+        top, index = (scores[..., None] + logp).flatten(1).topk(2 * width, dim=1)   # >= width of them go on
+        beam, token = index // logp.shape[-1], index % logp.shape[-1]
+        grown = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), token[..., None]], dim=2)
+        ended = token == eot
+        entering = (ended & (positions < width)).float().log() + top / t ** length_penalty  # t generated tokens
+        padded = F.pad(grown, (0, max_length - t - 1), value=pad)
+        done_scores, keep = torch.cat([done_scores, entering], dim=1).topk(width, dim=1)
+        done = torch.cat([done, padded], dim=1).gather(1, keep[..., None].expand(-1, -1, max_length))
+        live = (positions + ended * 2 * width).argsort(dim=1, stable=True)[:, :width]  # best `width` not ended
+        scores, seqs = top.gather(1, live), grown.gather(1, live[..., None].expand(-1, -1, t + 1))
+        # log-probs only fall as a beam grows: a live beam ends at most at scores / (max_length - 1) ** penalty
+        if t + 1 >= max_length or (done_scores.amax(1) >= scores.amax(1) / (max_length - 1) ** length_penalty).all():
             break
-    lengths = _lengths(seqs, eot)
-    ranked = scores / lengths.float() ** length_penalty if length_penalty else scores
-    best = ranked.argmax(dim=1)
-    rows = torch.arange(b, device=device)
-    return seqs[rows, best, :int(lengths[rows, best].max()) + 1]
-
-
-def _settled(scores: torch.Tensor, finished: torch.Tensor) -> bool:
-    """Whether every image's best finished beam scores at least its best live one: log-probs only fall
-    as a beam grows, so (ranking by plain log-prob) no live beam can overtake it."""
-    best_done = scores.masked_fill(~finished, float("-inf")).amax(dim=1)
-    best_live = scores.masked_fill(finished, float("-inf")).amax(dim=1)
-    return bool((best_done >= best_live).all())
+    live_ranked = scores / float(seqs.shape[2] - 1) ** length_penalty
+    pool = torch.cat([done, F.pad(seqs, (0, max_length - seqs.shape[2]), value=pad)], dim=1)
+    best = torch.cat([done_scores, live_ranked], dim=1).argmax(dim=1)
+    chosen = pool[torch.arange(b, device=device), best]
+    return chosen[:, :int(_lengths(chosen, eot).max()) + 1]
 
 
 def _lengths(seqs: torch.Tensor, eot: int) -> torch.Tensor:
