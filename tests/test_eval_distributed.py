@@ -21,16 +21,20 @@ from conftest import MICRO_ARCH
 N = 37  # odd: the two shares differ in size, and the 8-sample batches are padded
 
 
-def micro_model(tokenizer):
+ARCHS = {"tiny": MICRO_ARCH,
+         "coca-tiny": {**MICRO_ARCH, "multimodal": {"layers": 1, "heads": 2, "image_tokens": 4, "pool_heads": 2}}}
+
+
+def micro_model(tokenizer, name="tiny"):
     text = {**MICRO_ARCH["text"], "eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id}
-    return create_model("tiny", **{**MICRO_ARCH, "text": text})
+    return create_model(name, **{**ARCHS[name], "text": text})
 
 
 def evalset_and_model(folder):
     """The model, tokenizer and validation set saved in `folder` by the test (loaded by every process)."""
     folder = Path(folder)
     tokenizer = Tokenizer.load(folder / "tokenizer.json")
-    model = micro_model(tokenizer)
+    model = micro_model(tokenizer, (folder / "model_name.txt").read_text())
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     val = ShapesDataset("val", N, 32, seed=3)
     data = PairDataset(val, image_transform(32, False), seed=0)
@@ -46,13 +50,16 @@ def test_rank_shares_cover_every_index_once_with_equal_lengths():
         assert [i for (mine, _), size in zip(shares, sizes) for i in mine[:size]] == list(range(n))
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("name", ["tiny", "coca-tiny"])
+def test_two_gloo_processes_equal_one(tmp_path, name):
+    """For a CoCa, the captioning loss too: token sums and counts are added over processes."""
     torch.manual_seed(0)
     val = ShapesDataset("val", N, 32, seed=3)
     train_bpe([val.caption(i) for i in range(N)], vocab_size=300, context_length=16).save(tmp_path / "tokenizer.json")
     tokenizer = Tokenizer.load(tmp_path / "tokenizer.json")
-    model = micro_model(tokenizer)
+    model = micro_model(tokenizer, name)
     torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model_name.txt").write_text(name)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -60,12 +67,14 @@ def test_two_gloo_processes_equal_one(tmp_path):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(port), str(tests / "dist_eval_worker.py"), str(tmp_path), str(tmp_path / "two.json")],
                          capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests)})
+                         env={**os.environ, "OMP_NUM_THREADS": "1",
+                              "PYTHONPATH": os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))})
     assert out.returncode == 0, out.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
     model, tokenizer, evalset = evalset_and_model(tmp_path)
     one = evaluate(model, evalset, tokenizer, torch.device("cpu"), batch_size=8)
     assert one["samples"] == two["samples"] == N
     assert two.keys() == one.keys()
+    assert ("val_caption_loss" in one) == (name == "coca-tiny")
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key

@@ -1,4 +1,4 @@
-"""The `cliptrain` command: train, eval, report, data, tokenizer, models, export, embed."""
+"""The `cliptrain` command: train, eval, caption, report, data, tokenizer, models, export, embed."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,8 @@ commands:
   eval --checkpoint DIR [--output DIR] [--zeroshot DIR_OR_TABLE [--classnames F] [--templates F]]
        [--retrieval TABLE] [--linear-probe TRAIN [--linear-probe-test TEST]]
         evaluate a checkpoint on its run's validation data, or on the datasets given; writes results.json / .md
+  caption --checkpoint DIR IMAGE... [--method greedy|beam|top-k|top-p] [--beam-width N] [--max-length N]
+        print a generated caption for each image (CoCa checkpoints)
   report RUN_DIR [--output DIR]            an HTML page with figures of a run (RUN_DIR/report/index.html)
   data convert SOURCE OUT_DIR [--samples-per-shard N] [--resize PX] [--quality Q]
         write a table or image folder as WebDataset shards with sizes.json
@@ -190,6 +192,54 @@ def _eval_datasets(args, model, tokenizer, cfg, device) -> dict[str, float]:
     return results
 
 
+def cmd_caption(argv: list[str]) -> int:
+    """`cliptrain caption --checkpoint DIR IMAGE...`."""
+    parser = argparse.ArgumentParser(prog="cliptrain caption", description=(
+        "Caption images with a CoCa checkpoint: one line per image, its path, a tab, its caption."))
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory of a CoCa model")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--method", choices=["greedy", "beam", "top-k", "top-p"], default="beam",
+                        help="decoding (default: %(default)s)")
+    parser.add_argument("--beam-width", type=int, default=4, help="beam search hypotheses (default: %(default)s)")
+    parser.add_argument("--length-penalty", type=float, default=0.0,
+                        help="beam search ranks finished captions by log-prob / length ** this (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=50, help="top-k sampling: candidates (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=0.9,
+                        help="top-p sampling: probability mass (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="most tokens per caption, start and end tokens included (default: the context length)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling methods (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per generate call (default: %(default)s)")
+    args = parser.parse_args(argv)
+    import torch
+    from PIL import Image
+
+    from cliptrain.evaluation.captioning import generate_captions, is_captioner
+    from cliptrain.training.setup import load_checkpoint
+    from cliptrain.transforms import image_transform
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
+    if not is_captioner(model):
+        raise ConfigError(f"{args.checkpoint} holds a {cfg.model.name!r} model without a captioning decoder; "
+                          f"caption with a CoCa checkpoint (train one with --model.name coca-tiny)")
+    a = cfg.augment
+    transform = image_transform(model.cfg.vision.image_size, False, a.mean, a.std, a.interpolation)
+    pixels = []
+    for path in args.images:
+        with Image.open(path) as image:
+            pixels.append(transform(image))
+    generator = torch.Generator(device).manual_seed(args.seed)
+    captions = generate_captions(model, tokenizer, torch.stack(pixels), args.batch_size, method=args.method,
+                                 max_length=args.max_length, beam_width=args.beam_width,
+                                 length_penalty=args.length_penalty, top_k=args.top_k, top_p=args.top_p,
+                                 temperature=args.temperature, generator=generator)
+    for path, caption in zip(args.images, captions):
+        print(f"{path}\t{caption}")
+    return 0
+
+
 def cmd_report(argv: list[str]) -> int:
     """`cliptrain report RUN_DIR`."""
     parser = argparse.ArgumentParser(prog="cliptrain report", description=(
@@ -315,7 +365,7 @@ def cmd_embed(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "caption": cmd_caption, "report": cmd_report, "data": cmd_data,
             "tokenizer": cmd_tokenizer, "models": cmd_models, "export": cmd_export, "embed": cmd_embed}
 
 

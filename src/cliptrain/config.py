@@ -140,6 +140,8 @@ class TrainSection:
     accum_steps: int = 1                # micro-batches per step; gradients equal one batch of batch_size
     objective: Literal["auto", "contrastive", "sigmoid"] = "auto"  # auto: sigmoid if the model has a logit bias
     loss_tile: int | None = None        # tiled exact loss that never holds the B x B logits (tile size, e.g. 1024)
+    contrastive_weight: float = 1.0     # CoCa models: weight of the contrastive (or sigmoid) loss...
+    caption_weight: float = 2.0         # ...and of the captioning loss (mean token cross-entropy)
     epochs: int | None = 3
     steps: int | None = None            # when set, overrides epochs
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -178,6 +180,8 @@ class TrainSection:
                "train.save_every, train.keep_last and train.keep_every must be >= 0")
         _check(self.nonfinite_limit >= 1, f"train.nonfinite_limit must be >= 1, got {self.nonfinite_limit}")
         _check(self.loss_tile is None or self.loss_tile >= 1, f"train.loss_tile must be >= 1, got {self.loss_tile}")
+        _check(self.contrastive_weight >= 0 and self.caption_weight >= 0,
+               "train.contrastive_weight and train.caption_weight must be >= 0")
 
 
 @dataclass

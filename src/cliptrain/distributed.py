@@ -156,6 +156,16 @@ def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+@torch.no_grad()
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over ranks (itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():

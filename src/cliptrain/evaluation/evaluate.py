@@ -1,4 +1,5 @@
-"""Run the evaluators (validation loss, retrieval, zero-shot) on a model and write the results.
+"""Run the evaluators (validation loss, captioning loss for CoCa, retrieval, zero-shot) on a model and
+write the results.
 
 Under torch.distributed every rank encodes a share of the set, the features are gathered, and each
 rank computes the same metrics from the whole set (every rank must call `evaluate`).
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from cliptrain.data import PairDataset, make_loader
+from cliptrain.evaluation.captioning import caption_val_loss, is_captioner
 from cliptrain.evaluation.retrieval import retrieval_metrics
 from cliptrain.evaluation.zeroshot import build_classifier, zero_shot_metrics
 from cliptrain.training.precision import autocast
@@ -103,6 +105,9 @@ def evaluate(model: nn.Module, evalset: EvalSet, tokenizer: Callable, device: to
     if val_loss:
         scale = float(model.logit_scale.detach().exp())
         results["val_loss"] = contrastive_val_loss(img, txt, scale)
+        if is_captioner(model):
+            results["val_caption_loss"] = caption_val_loss(model, evalset.dataset, tokenizer, device, precision,
+                                                           batch_size, workers)
     if retrieval:
         results.update(retrieval_metrics(img.to(device), txt.to(device)))  # on the GPU when there is one
     if zeroshot and evalset.labels is not None and evalset.class_names:

@@ -1,7 +1,7 @@
-"""CLIP-family models: configs as data, towers, and the two-tower model."""
+"""CLIP-family models: configs as data, towers, the two-tower model and CoCa (models/coca.py)."""
 from cliptrain.models.clip import CLIP, ModelOutput
-from cliptrain.models.config import CLIPConfig, TextConfig, VisionConfig
-from cliptrain.models.registry import create_model, get_model_config, list_models
+from cliptrain.models.config import CLIPConfig, MultimodalConfig, TextConfig, VisionConfig
+from cliptrain.models.registry import build_model, create_model, get_model_config, list_models
 
-__all__ = ["CLIP", "ModelOutput", "CLIPConfig", "TextConfig", "VisionConfig",
-           "create_model", "get_model_config", "list_models"]
+__all__ = ["CLIP", "ModelOutput", "CLIPConfig", "MultimodalConfig", "TextConfig", "VisionConfig",
+           "build_model", "create_model", "get_model_config", "list_models"]

@@ -18,6 +18,8 @@ class ModelOutput:
     """What a forward pass returns: L2-normalised features and the (exponentiated) temperature.
 
     The teacher_* fields are filled by the training step when distilling from a teacher model.
+    A CoCa also returns its decoder's next-token logits [B, L-1, vocab] and their targets [B, L-1]
+    (the input tokens shifted by one).
     """
     image_features: torch.Tensor
     text_features: torch.Tensor
@@ -26,6 +28,8 @@ class ModelOutput:
     teacher_image_features: torch.Tensor | None = None
     teacher_text_features: torch.Tensor | None = None
     teacher_logit_scale: torch.Tensor | None = None
+    caption_logits: torch.Tensor | None = None
+    caption_labels: torch.Tensor | None = None
 
 
 class CLIP(nn.Module):
@@ -37,13 +41,16 @@ class CLIP(nn.Module):
 
     def __init__(self, cfg: CLIPConfig, pretrained: bool = True):
         super().__init__()
-        self.visual = image_tower(cfg.vision, cfg.embed_dim, cfg.activation, pretrained, cfg.norm_eps)
+        self.visual = self._make_visual(cfg, pretrained)
         self.text = text_tower(cfg.text, cfg.embed_dim, cfg.activation, pretrained, cfg.norm_eps)
         # A tower may complete its config (a Hugging Face tower records the model's config).
         self.cfg = dataclasses.replace(cfg, vision=self.visual.cfg, text=self.text.cfg)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = (nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
                            if cfg.init_logit_bias is not None else None)
+
+    def _make_visual(self, cfg: CLIPConfig, pretrained: bool = True) -> nn.Module:
+        return image_tower(cfg.vision, cfg.embed_dim, cfg.activation, pretrained, cfg.norm_eps)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[B, 3, H, W] -> [B, embed_dim] image features (L2-normalised by default)."""

@@ -86,8 +86,28 @@ class TextConfig:
 
 
 @dataclass
+class MultimodalConfig:
+    """CoCa's captioning side: attentional poolers over the ViT tokens and the multimodal text decoder.
+
+    The decoder reads the text tower's token outputs, so its width, vocabulary and context length
+    are the text tower's; it predicts the next token from its causal self-attention and its
+    cross-attention to `image_tokens` pooled image tokens.
+    """
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    image_tokens: int = 256              # queries of the captioning pooler (the decoder's image tokens)
+    pool_heads: int = 8                  # heads of both attentional poolers
+
+    def __post_init__(self):
+        if min(self.layers, self.heads, self.image_tokens, self.pool_heads) < 1:
+            raise ConfigError("multimodal.layers, multimodal.heads, multimodal.image_tokens and "
+                              "multimodal.pool_heads must be >= 1")
+
+
+@dataclass
 class CLIPConfig:
-    """A two-tower CLIP model."""
+    """A two-tower CLIP model; with a `multimodal` section, a CoCa (contrastive captioner)."""
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -96,3 +116,14 @@ class CLIPConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
     init_logit_bias: float | None = None  # set (SigLIP: -10) to give the model a learnable logit bias
+    multimodal: MultimodalConfig | None = None  # set: a CoCa with a captioning decoder (models/coca.py)
+
+    def __post_init__(self):
+        m = self.multimodal
+        if m is None:
+            return
+        for name, width, key, heads in (("text.width", self.text.width, "heads", m.heads),
+                                        ("text.width", self.text.width, "pool_heads", m.pool_heads),
+                                        ("vision.width", self.vision.width, "pool_heads", m.pool_heads)):
+            if width % heads:
+                raise ConfigError(f"{name} ({width}) must be divisible by multimodal.{key} ({heads})")

@@ -22,7 +22,22 @@ def forward_flops(cfg: CLIPConfig) -> float:
     flops += 2 * patches * 3 * v.patch_size ** 2 * v.width          # patch embedding
     flops += _tower_flops(t.width, t.layers, t.context_length, t.mlp_ratio)
     flops += 2 * (v.width + t.width) * cfg.embed_dim                # projections
+    if cfg.multimodal is not None:
+        flops += _coca_flops(cfg, patches + 1)
     return float(flops)
+
+
+def _coca_flops(cfg: CLIPConfig, image_tokens: int) -> float:
+    """A CoCa's attentional poolers, decoder blocks (self- and cross-attention) and vocabulary head."""
+    m, v, w = cfg.multimodal, cfg.vision, cfg.text.width
+    length, queries = cfg.text.context_length - 1, m.image_tokens
+    pools = 0.0
+    for width, n in ((v.width, 1), (w, queries)):   # q/out projections, k/v of the ViT tokens, attention
+        pools += 2 * (2 * n * width * width + image_tokens * v.width * 2 * width) + 4 * n * image_tokens * width
+    hidden = int(w * m.mlp_ratio)
+    cross = 2 * (2 * length * w * w + queries * w * 2 * w) + 4 * length * queries * w + 4 * length * w * hidden
+    head = 2 * length * w * cfg.text.vocab_size
+    return pools + _tower_flops(w, m.layers, length, m.mlp_ratio) + m.layers * cross + head
 
 
 def train_flops(cfg: CLIPConfig) -> float:

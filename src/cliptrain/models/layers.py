@@ -41,13 +41,74 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # On CPU the fused bf16 kernel's backward is several times slower than the matmul-based one.
-            with sdpa_kernel(SDPBackend.MATH):
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-        return self.out(y.transpose(1, 2).reshape(b, n, w))
+        return self.out(_sdpa(q, k, v, is_causal).transpose(1, 2).reshape(b, n, w))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # On CPU the fused bf16 kernel's backward is several times slower than the matmul-based one.
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries `x` [B, N, width] to a context [B, M, context_width] (keys and values)."""
+
+    def __init__(self, width: int, heads: int, context_width: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(context_width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        h = self.heads
+        q = self.q(x).view(b, n, h, w // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, h, w // h).permute(2, 0, 3, 1, 4)
+        return self.out(_sdpa(q, k, v).transpose(1, 2).reshape(b, n, w))
+
+    def init_weights(self, proj_std: float) -> None:
+        """Normal init like the self-attention of `Transformer.init_weights`, zero biases."""
+        nn.init.normal_(self.q.weight, std=self.q.in_features ** -0.5)
+        nn.init.normal_(self.kv.weight, std=self.kv.in_features ** -0.5)
+        nn.init.normal_(self.out.weight, std=proj_std)
+        for lin in (self.q, self.kv, self.out):
+            nn.init.zeros_(lin.bias)
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm residual cross-attention block: x + xattn(ln(x), ln(context)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, context_width: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_context = nn.LayerNorm(context_width)
+        self.attn = CrossAttention(width, heads, context_width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio), activation)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), self.ln_context(context))
+        return x + self.mlp(self.ln_2(x))
+
+
+class AttentionalPooler(nn.Module):
+    """`queries` learned queries attend to a token sequence [B, M, context_width] -> [B, queries, width]
+    (CoCa's attentional pooling)."""
+
+    def __init__(self, width: int, context_width: int, heads: int, queries: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(queries, width) * width ** -0.5)
+        self.ln_q = nn.LayerNorm(width)
+        self.ln_k = nn.LayerNorm(context_width)
+        self.attn = CrossAttention(width, heads, context_width)
+        self.attn.init_weights(width ** -0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        q = self.ln_q(self.query).to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        return self.attn(q, self.ln_k(tokens))
 
 
 class MLP(nn.Module):

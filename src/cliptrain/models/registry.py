@@ -31,11 +31,19 @@ def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
     return from_dict(CLIPConfig, deep_update(data, to_dict(overrides)), prefix="")
 
 
+def build_model(cfg: CLIPConfig, pretrained: bool = True) -> CLIP:
+    """The model class a config describes: a CoCa when it has a multimodal section, else a CLIP."""
+    if cfg.multimodal is not None:
+        from cliptrain.models.coca import CoCa
+        return CoCa(cfg, pretrained)
+    return CLIP(cfg, pretrained)
+
+
 def create_model(name: str | CLIPConfig, *, pretrained: bool = True, **overrides: Any) -> CLIP:
-    """Build a model from a config name (or config) with optional overrides: randomly initialised, except
-    towers whose config names pretrained weights (timm, a Hugging Face directory) when `pretrained`."""
+    """Build a model (CLIP or CoCa) from a config name (or config) with optional overrides: randomly initialised,
+    except towers whose config names pretrained weights (timm, a Hugging Face directory) when `pretrained`."""
     if isinstance(name, CLIPConfig):
         cfg = from_dict(CLIPConfig, deep_update(to_dict(name), to_dict(overrides)))
     else:
         cfg = get_model_config(name, **overrides)
-    return CLIP(cfg, pretrained)
+    return build_model(cfg, pretrained)

@@ -49,20 +49,31 @@ class TextTransformer(nn.Module):
         last = torch.full_like(texts[:, 0], texts.shape[1] - 1)
         return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), last)
 
-    def forward(self, texts: torch.Tensor) -> torch.Tensor:
-        """[B, L] token ids -> [B, embed_dim] unnormalised features."""
+    def forward_tokens(self, texts: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids -> [B, L, width] final-norm outputs of every position (causal: each sees its prefix)."""
         length = texts.shape[1]
         if length > self.cfg.context_length:
             raise ValueError(f"texts have {length} tokens but the model's context length is {self.cfg.context_length}")
         x = self.token_embedding(texts) + self.positional_embedding[:length]
-        x = self.ln_final(self.transformer(x, is_causal=self.cfg.causal))
+        return self.ln_final(self.transformer(x, is_causal=self.cfg.causal))
+
+    def pool(self, tokens: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """The projected output at each row's first end-of-text token (or the last position, `pool: last`):
+        [B, embed_dim] unnormalised features."""
         if self.cfg.pool == "last":
-            pooled = x[:, -1]
+            pooled = tokens[:, -1]
         else:
-            pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(texts)]
+            pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_positions(texts)]
         if self.text_projection_bias is not None:
             return pooled @ self.text_projection + self.text_projection_bias
         return pooled @ self.text_projection
+
+    def forward(self, texts: torch.Tensor, return_tokens: bool = False):
+        """[B, L] token ids -> [B, embed_dim] unnormalised features; with `return_tokens`, (features, the
+        [B, L, width] outputs of every position) (one call, so FSDP gathers the tower's weights once)."""
+        tokens = self.forward_tokens(texts)
+        features = self.pool(tokens, texts)
+        return (features, tokens) if return_tokens else features
 
     def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze the tower, leaving its last `unlocked_layers` blocks, final norm and projection trainable when

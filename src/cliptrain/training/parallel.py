@@ -25,8 +25,8 @@ def wrap_model(model: nn.Module, world: World, strategy: str, precision: str, co
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision] if precision != "fp32" else None,
                                       reduce_dtype=torch.float32)
-        for tower in (model.visual, model.text):
-            for block in tower.block_modules():
+        for tower in _towers(model):
+            for block in (tower.block_modules() if hasattr(tower, "block_modules") else tower.blocks):
                 fully_shard(block, mp_policy=policy)
             fully_shard(tower, mp_policy=policy)
         # The logit scale stays a plain parameter: every rank computes the same global loss, so its
@@ -36,6 +36,11 @@ def wrap_model(model: nn.Module, world: World, strategy: str, precision: str, co
         ids = [world.device.index] if world.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
     return compile_model(model) if compile else model
+
+
+def _towers(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The sharded units: image and text towers, and a CoCa's decoder."""
+    return tuple(m for m in (model.visual, model.text, getattr(model, "decoder", None)) if m is not None)
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -50,7 +55,7 @@ def no_sync(model: nn.Module) -> Callable[[], contextlib.AbstractContextManager]
     if hasattr(inner, "no_sync") and isinstance(inner, torch.nn.parallel.DistributedDataParallel):
         return inner.no_sync
     if is_fsdp(model):
-        towers = (unwrap(model).visual, unwrap(model).text)
+        towers = _towers(unwrap(model))
 
         @contextlib.contextmanager
         def fsdp_no_sync():

@@ -16,7 +16,7 @@ from cliptrain.data.streaming import ShardSamples, ShardSet, ShardStream
 from cliptrain.data.tables import FolderSource, TableSource
 from cliptrain.distributed import World, broadcast_object
 from cliptrain.evaluation.evaluate import EvalSet
-from cliptrain.models import CLIP, create_model
+from cliptrain.models import CLIP, build_model, create_model
 from cliptrain.models.config import CLIPConfig
 from cliptrain.hf_tokenizer import load_hf_tokenizer
 from cliptrain.models.convert import Imported, architecture_for_name, import_pretrained, resolve_architecture
@@ -273,7 +273,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint directory: {name} is missing")
     data = yaml.safe_load((path / "config.yaml").read_text())
-    model = CLIP(from_dict(CLIPConfig, data["model"]["arch"]), pretrained=False)
+    model = build_model(from_dict(CLIPConfig, data["model"]["arch"]), pretrained=False)
     ckpt.load_model_weights(model, path)
     cfg = from_dict(RunConfig, data)
     return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json"), cfg

@@ -8,12 +8,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cliptrain.distributed import World, gather, gather_with_grad, mean_over_ranks
+from cliptrain.distributed import World, gather, gather_with_grad, mean_over_ranks, sum_over_ranks
 from cliptrain.models.clip import ModelOutput
 from cliptrain.training.precision import autocast
 
 # ModelOutput fields holding one row per sample; the others (logit_scale, logit_bias) are shared.
 PER_SAMPLE_FIELDS = ("image_features", "text_features", "teacher_image_features", "teacher_text_features")
+
+# Per-sample outputs whose losses are sums over rows (tokens): never gathered nor cached between the passes.
+TOKEN_FIELDS = ("caption_logits", "caption_labels")
 
 Objective = Callable[[ModelOutput], dict[str, torch.Tensor]]
 
@@ -45,6 +48,13 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     The model must be deterministic between the two encodings.
     A frozen `teacher` model's outputs on the same inputs are added to the outputs as teacher_* fields
     (constants: no gradient flows into the teacher).
+
+    Token-summed losses (an objective's `token_sums`, e.g. CoCa's caption loss: a mean over every
+    counted token of the global batch) are neither gathered nor cached. The rule: the loss is
+    sum over all tokens of all micro-batches and ranks / N, N the token count of the global batch
+    (summed over micro-batches, then over ranks). Each micro-batch back-propagates its own token
+    sum x world_size / N (DDP's average over ranks divides the world_size out again), so the
+    gradient is that of the whole batch whatever the split, and no rank needs another's logits.
     """
     world = world or World()
     scale = scaler.scale if scaler is not None else (lambda t: t)
@@ -53,13 +63,19 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
     rng = []  # each micro-batch is re-encoded with the random draws (e.g. patch dropout) of its first pass
     with torch.no_grad(), autocast(precision, images.device):
-        outs = []
+        outs, sums = [], []
         for i, t in chunks:
             rng.append(device_rng_state(images.device))
-            outs.append(_encode(model, teacher, i, t))
+            out, captioned = _split_tokens(_encode(model, teacher, i, t))
+            outs.append(out)
+            sums.append(_token_sums(objective, captioned))
     after = device_rng_state(images.device)
+    counts = _global_counts(sums, world)
     joined = _join(outs, world)
     total, logged = _total(objective, ModelOutput(**joined))
+    for name, count in counts.items():
+        logged[name] = sum_over_ranks(sum(p[name][0] for p in sums)) / count
+        logged["loss"] = logged["loss"] + logged[name]
     names = [n for n, v in joined.items() if v is not None and v.requires_grad]
     grads = dict(zip(names, torch.autograd.grad(scale(total), [joined[n] for n in names], allow_unused=True)))
     local = images.shape[0]
@@ -77,6 +93,8 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
             terms = [(getattr(out, n).float() * g[j]).sum() for n, g in sliced.items()]
             if last:
                 terms += [(getattr(out, n).float() * grads[n]).sum() for n in shared]
+            terms += [scale(total_sum * world.world_size / counts[name])
+                      for name, (total_sum, _) in _token_sums(objective, out).items()]
             torch.stack(terms).sum().backward()
     set_device_rng_state(after, images.device)
     return logged
@@ -98,18 +116,44 @@ def _single_backward(model: nn.Module, objective: Objective, images: torch.Tenso
                      precision: str, scale: Callable, world: World, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
     """One forward and backward of the whole batch (features gathered across ranks with gradients)."""
     with autocast(precision, images.device):
-        output = _encode(model, teacher, images, texts)
+        output, captioned = _split_tokens(_encode(model, teacher, images, texts))
     if world.distributed and hasattr(objective, "forward_local"):  # the objective exchanges features itself
         losses = objective.forward_local(output, world)
-        total = sum(losses.values())
-        scale(total).backward()
-        return {k: mean_over_ranks(v.detach()) for k, v in {**losses, "loss": total}.items()}
-    if world.distributed:
-        output = dataclasses.replace(output, **{n: gather_with_grad(getattr(output, n)) for n in PER_SAMPLE_FIELDS
-                                                if getattr(output, n) is not None})
-    total, logged = _total(objective, output)
+        logged = {k: mean_over_ranks(v.detach()) for k, v in losses.items()}
+    else:
+        if world.distributed:
+            output = dataclasses.replace(output, **{n: gather_with_grad(getattr(output, n))
+                                                    for n in PER_SAMPLE_FIELDS if getattr(output, n) is not None})
+        losses = objective(output)
+        logged = {k: v.detach() for k, v in losses.items()}
+    sums = _token_sums(objective, captioned)
+    counts = _global_counts([sums], world)
+    for name, (total_sum, _) in sums.items():
+        losses[name] = total_sum * world.world_size / counts[name]
+        logged[name] = mean_over_ranks(losses[name].detach())
+    total = sum(losses.values())
     scale(total).backward()
-    return logged
+    return {**logged, "loss": sum(logged.values())}
+
+
+def _split_tokens(output: ModelOutput) -> tuple[ModelOutput, ModelOutput | None]:
+    """(the output without its token fields, the full output or None when it has none)."""
+    if output.caption_logits is None:
+        return output, None
+    return dataclasses.replace(output, **{n: None for n in TOKEN_FIELDS}), output
+
+
+def _token_sums(objective: Objective, output: ModelOutput | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (summed loss, token count)} of the objective's token-summed losses on `output`."""
+    if output is None or not hasattr(objective, "token_sums"):
+        return {}
+    return objective.token_sums(output)
+
+
+def _global_counts(parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], world: World) -> dict[str, torch.Tensor]:
+    """Token count of each token-summed loss over all micro-batches and ranks (at least 1)."""
+    names = parts[0] if parts else {}
+    return {name: sum_over_ranks(sum(p[name][1] for p in parts).float()).clamp_min(1) for name in names}
 
 
 def _join(outs: list[ModelOutput], world: World) -> dict[str, torch.Tensor | None]:

@@ -16,7 +16,7 @@ from cliptrain.data.quality import DataQuality
 from cliptrain.data.streaming import ShardStream
 from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
 from cliptrain.logging import Meter, MetricSinks, truncate_log
-from cliptrain.losses import DistillLoss, build_objective
+from cliptrain.losses import CaptionLoss, DistillLoss, build_objective
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
 from cliptrain.training.optim import build_optimizer, lr_at, set_lr
@@ -51,6 +51,10 @@ class Trainer:
         if objective == "auto":  # a model with a logit bias is a SigLIP model
             objective = "sigmoid" if getattr(model, "logit_bias", None) is not None else "contrastive"
         self.objective = build_objective(objective, cfg.train.loss_tile)
+        if getattr(model.cfg, "multimodal", None) is not None:  # a CoCa: add its captioning loss
+            text = model.cfg.text
+            self.objective = CaptionLoss(self.objective, text.pad_token_id, text.eot_token_id,
+                                         cfg.train.contrastive_weight, cfg.train.caption_weight)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         if self.teacher is not None:
             self.objective = DistillLoss(self.objective, cfg.distill.weight)
