@@ -166,6 +166,7 @@ def load_weights(checkpoint):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow  # 20 s; the full-checkpoint FSDP path runs in the default suite
 def test_sharded_fsdp_checkpoints_resume_on_other_process_counts(tmp_path, reference):
     config = write_config(tmp_path, "s", dist={"strategy": "fsdp", "checkpoint": "sharded"})
     run(config, 2)
