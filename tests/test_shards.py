@@ -183,3 +183,18 @@ def test_http_shards_with_remote_sizes_json(tmp_path):
         assert sorted(i for b in epoch_ids(ds, 0, 0, 1, 0) for i in b) == list(range(12))
     finally:
         server.shutdown()
+
+
+def test_shard_workers_persist_across_epochs(tmp_path):
+    import os
+    write_shards(tmp_path, [12, 12], sizes_json=True)
+    ds = stream(str(tmp_path), batch_size=6)
+    fresh = stream(str(tmp_path), batch_size=6)
+    loader = ds.loader(0, 0, 0, 1, 2)
+    first = [b.indices.tolist() for b in loader]
+    pids = loader._iterator._workers[0].pid if loader._iterator is not None else None
+    again = ds.loader(1, 1, 0, 1, 2)
+    assert again is loader
+    second = [b.indices.tolist() for b in again]
+    assert loader._iterator._workers[0].pid == pids and pids != os.getpid()   # the same worker processes
+    assert first == epoch_ids(fresh, 0, 0, 1, 2) and second == epoch_ids(fresh, 1, 0, 1, 2, start=1)

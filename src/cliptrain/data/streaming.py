@@ -161,7 +161,15 @@ class ShardStream(IterableDataset):
         self.samples = samples_per_epoch if (resampled and samples_per_epoch) else len(shards)
         self.shuffle_buffer, self.caption_key, self.max_pixels = shuffle_buffer, caption_key, max_pixels
         self.collate = Collate(tokenizer, transform.normalize)
-        self.position = (0, 0, 0, 1, 1)  # epoch, start step, rank, world size, streams
+        # epoch, start step, rank, world size, streams: in shared memory, so persistent workers see each
+        # new epoch's position when the loader is iterated again
+        self._position = torch.tensor([0, 0, 0, 1, 1], dtype=torch.long).share_memory_()
+        self._loader: DataLoader | None = None
+        self._loader_key: tuple | None = None
+
+    @property
+    def position(self) -> tuple[int, ...]:
+        return tuple(self._position.tolist())
 
     def __len__(self) -> int:
         return self.samples
@@ -172,13 +180,24 @@ class ShardStream(IterableDataset):
 
     def loader(self, epoch: int, start_step: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0,
                pin_memory: bool = False, worker_init_fn: Callable | None = None) -> DataLoader:
-        """The batches of `epoch` from step `start_step` on, for this rank."""
+        """The batches of `epoch` from step `start_step` on, for this rank. The same DataLoader is returned
+        for every epoch, so its worker processes persist."""
         if self.batch_size % world_size:
             raise ValueError(f"the batch size ({self.batch_size}) must be divisible by the number of processes "
                              f"({world_size})")
-        self.position = (epoch, start_step, rank, world_size, max(1, workers))
-        return DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                          prefetch_factor=2 if workers else None, worker_init_fn=worker_init_fn if workers else None)
+        self._position.copy_(torch.tensor([epoch, start_step, rank, world_size, max(1, workers)]))
+        key = (workers, pin_memory, worker_init_fn)
+        if self._loader is None or self._loader_key != key:
+            self._loader_key = key
+            self._loader = DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                      persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
+                                      worker_init_fn=worker_init_fn if workers else None)
+        return self._loader
+
+    def __getstate__(self) -> dict:  # worker processes get the dataset without the loader that holds them
+        state = dict(self.__dict__)
+        state["_loader"] = None
+        return state
 
     def __iter__(self) -> Iterator:
         epoch, start, rank, world, streams = self.position
