@@ -194,3 +194,12 @@ def make_loader(dataset: PairDataset, tokenizer: Callable, batch_size: int, samp
                       collate_fn=Collate(tokenizer, dataset.transform.normalize), num_workers=workers,
                       pin_memory=pin_memory, drop_last=False, persistent_workers=persistent and workers > 0,
                       prefetch_factor=4 if workers else None, worker_init_fn=worker_init_fn if workers else None)
+
+
+def shutdown_loader(loader: DataLoader | None) -> None:
+    """Stop the worker processes a DataLoader with persistent workers keeps between iterations."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if loader is not None:
+        loader._iterator = None

@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cliptrain.data import Collate, augment
+from cliptrain.data import Collate, augment, shutdown_loader
 from cliptrain.data.samples import (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, BadSample, decode_caption, decode_image)
 from cliptrain.data.shards import ShardError, group_samples, iter_tar, open_url, parse_sources, shard_sizes
 
@@ -193,6 +193,11 @@ class ShardStream(IterableDataset):
                                       persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
                                       worker_init_fn=worker_init_fn if workers else None)
         return self._loader
+
+    def close(self) -> None:
+        """Stop the persistent worker processes (a run calls this when it ends; exiting with them alive can hang)."""
+        shutdown_loader(self._loader)
+        self._loader = self._loader_key = None
 
     def __getstate__(self) -> dict:  # worker processes get the dataset without the loader that holds them
         state = dict(self.__dict__)

@@ -11,7 +11,7 @@ from torch import nn
 
 from cliptrain.config import RunConfig, to_dict
 from cliptrain.distributed import World, barrier
-from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader
+from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader, shutdown_loader
 from cliptrain.data.quality import DataQuality
 from cliptrain.data.streaming import ShardStream
 from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
@@ -161,11 +161,19 @@ class Trainer:
                     self.say(self.quality.summary("run"))
                 results = self.run_eval(final=True)
         finally:
+            self.close_loaders()
             if progress is not None:
                 progress.close()
             if self.sinks is not None:
                 self.sinks.close()
         return results
+
+    def close_loaders(self) -> None:
+        """Stop the persistent dataloader workers (the next fit() starts new ones)."""
+        if isinstance(self.train_data, ShardStream):
+            self.train_data.close()
+        shutdown_loader(self._loader)
+        self._loader = self._sampler = None
 
     def _run_epoch(self, epoch: int, start: int, stop: int, progress) -> None:
         t_data = time.perf_counter()
