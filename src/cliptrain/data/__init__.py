@@ -48,7 +48,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 def augment(transform, image, seed: int, epoch: int, index: int) -> torch.Tensor:
     """`transform.to_uint8(image)` with the random draws of sample `index` in `epoch`."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(seed, epoch, index))
+        torch.default_generator.manual_seed(sample_seed(seed, epoch, index))  # CPU only: no lazy CUDA calls
         return transform.to_uint8(image)
 
 
