@@ -25,9 +25,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`, using the foreach (multi-tensor) implementation."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                             eps=cfg.eps, foreach=True)
+    """AdamW over `param_groups`: the fused implementation (one pass over each tensor) where every parameter
+    is a plain CPU or CUDA tensor, else the foreach (multi-tensor) one.
+
+    On CPU the fused step is about 5x faster than foreach; with a 49k-token embedding table the optimizer
+    step was 12% of a small model's training step (benchmarks/compare_open_clip.py).
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimSection) -> float:
