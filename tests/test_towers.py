@@ -295,3 +295,16 @@ def test_compile_refused_at_wrap_time_trains_eagerly(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileFallbackWarning)
         assert torch.isfinite(_step(trainer)["loss"])
+
+
+def test_timm_prefix_names_a_timm_image_tower(tmp_path):
+    from cliptrain.models.registry import get_model_config
+    cfg = get_model_config("timm:test_resnet", vision={"image_size": 32})
+    assert cfg.vision.timm_model == "test_resnet" and cfg.vision.image_size == 32
+    assert cfg.text == get_model_config("tiny").text
+    run = micro_config(tmp_path, model={"name": "timm:test_resnet", "arch": {"embed_dim": 32, "vision": {"image_size": 32},
+                                                                               "text": MICRO_ARCH["text"]}},
+                       train={"steps": 1})
+    trainer = build_trainer(run)
+    assert type(trainer.model.visual).__name__ == "TimmVisionTower"
+    trainer.fit()

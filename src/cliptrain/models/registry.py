@@ -19,8 +19,18 @@ def list_models(pattern: str = "") -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if pattern in p.stem)
 
 
+TIMM_PREFIX = "timm:"  # "timm:<timm model>": the tiny architecture with that timm model as its image tower
+
+
 def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
-    """The architecture config for `name`, with nested field overrides (e.g. vision={"layers": 2})."""
+    """The architecture config for `name`, with nested field overrides (e.g. vision={"layers": 2}).
+
+    ``timm:<name>`` is the ``tiny`` architecture with the timm model ``<name>`` as its image tower
+    (``vision.timm_model``); overrides apply on top, e.g. vision={"image_size": 224}.
+    """
+    if name.startswith(TIMM_PREFIX):
+        timm_overrides = deep_update({"vision": {"timm_model": name[len(TIMM_PREFIX):]}}, to_dict(overrides))
+        return get_model_config("tiny", **timm_overrides)
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
         names = list_models()

@@ -27,7 +27,7 @@ from cliptrain.models.clip import CLIP
 from cliptrain.models.config import CLIPConfig
 from cliptrain.models.convert import hf, open_clip
 from cliptrain.models.convert.text_tokenizers import load_hf_dir_tokenizer, write_hf_tokenizer
-from cliptrain.models.registry import get_model_config, list_models
+from cliptrain.models.registry import TIMM_PREFIX, get_model_config, list_models
 from cliptrain.tokenizer import TOKENIZER_FILE, Tokenizer, load_clip_bpe
 from cliptrain.typed import ConfigError, from_dict, to_dict
 
@@ -207,7 +207,7 @@ def architecture_for_name(name: str, **overrides: Any) -> tuple[CLIPConfig, str 
     if name in open_clip.OPEN_CLIP_NAMES:
         ours, activation = open_clip.OPEN_CLIP_NAMES[name]
         return get_model_config(ours, **{"activation": activation, **overrides}), activation
-    if name not in list_models():
+    if name not in list_models() and not name.startswith(TIMM_PREFIX):
         raise ConfigError(f"unknown model {name!r}: use a cliptrain model ({', '.join(list_models())}) or an "
                           f"open_clip ViT name ({', '.join(open_clip.OPEN_CLIP_NAMES)})")
     return get_model_config(name, **overrides), None
