@@ -49,7 +49,8 @@ def _inputs(image_size: int, context: int, vocab: int, batch: int, device):
     return images, texts.to(device)
 
 
-def run_open_clip(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str) -> dict:
+def run_open_clip(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str,
+                  compile: bool = False) -> dict:
     import open_clip
     from open_clip.loss import ClipLoss
     device = torch.device(device)
@@ -58,6 +59,7 @@ def run_open_clip(shape: str, batch: int, precision: str, steps: int, warmup: in
     model = open_clip.create_model(spec) if isinstance(spec, str) else open_clip.CLIP(**spec)
     model = model.to(device).train()
     v, t = model.visual, model
+    forward = torch.compile(model) if compile else model
     images, texts = _inputs(v.image_size[0], t.context_length, t.vocab_size, batch, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     loss_fn = ClipLoss()
@@ -66,7 +68,7 @@ def run_open_clip(shape: str, batch: int, precision: str, steps: int, warmup: in
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            image_features, text_features, logit_scale = model(images, texts)[:3]
+            image_features, text_features, logit_scale = forward(images, texts)[:3]
             loss = loss_fn(image_features, text_features, logit_scale)
         loss.backward()
         opt.step()
@@ -82,7 +84,8 @@ def _our_config(shape: str):
     return get_model_config(name, **arch)
 
 
-def run_ours(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str) -> dict:
+def run_ours(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str,
+             compile: bool = False) -> dict:
     from cliptrain.config import OptimSection
     from cliptrain.losses import build_objective
     from cliptrain.models import create_model
@@ -95,10 +98,11 @@ def run_ours(shape: str, batch: int, precision: str, steps: int, warmup: int, de
     images, texts = _inputs(cfg.vision.image_size, cfg.text.context_length, cfg.text.vocab_size, batch, device)
     opt = build_optimizer(model, OptimSection(lr=1e-4, weight_decay=0.1))
     objective = build_objective("contrastive")
+    forward = torch.compile(model) if compile else model
 
     def step():
         opt.zero_grad(set_to_none=True)
-        forward_backward(model, objective, images, texts, 1, precision)
+        forward_backward(forward, objective, images, texts, 1, precision)
         opt.step()
         model.clamp_logit_scale()
 
@@ -130,6 +134,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                        help="run eager, torch.compile'd, or both (each side compiled alike)")
     args = parser.parse_args()
     try:
         import open_clip
@@ -138,25 +144,24 @@ def main() -> int:
         return 0
     print(f"device {args.device}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} alternating repeats")
-    print("| shape | precision | open_clip samples/s | ours samples/s | ours / open_clip | open_clip MFU | ours MFU "
+    print("| shape | precision | mode | open_clip samples/s | ours samples/s | ours / open_clip | open_clip MFU | ours MFU "
           "| open_clip peak MiB | ours peak MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     ctx = mp.get_context("spawn")
-    for shape in args.shapes:
-        for precision in args.precision:
-            job = (shape, args.batch, precision, args.steps, args.warmup, args.device)
-            results: dict[str, list[dict]] = {"open_clip": [], "ours": []}
-            for _ in range(args.repeats):
-                for name, fn in (("open_clip", run_open_clip), ("ours", run_ours)):
-                    with ctx.Pool(1) as pool:
-                        results[name].append(pool.apply(fn, job))
-            med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
-            o, c = med["open_clip"], med["ours"]
-            peak = max(matmul_peak(precision, torch.device(args.device)) for _ in range(3))  # one peak for both
-            o["mfu"], c["mfu"] = o["flops_per_s"] / peak, c["flops_per_s"] / peak
-            print(f"| {shape} | {precision} | {o['samples_per_s']:.1f} | {c['samples_per_s']:.1f} | "
-                  f"{c['samples_per_s'] / o['samples_per_s']:.2f}x | {100 * o['mfu']:.1f}% | {100 * c['mfu']:.1f}% | "
-                  f"{o['peak_mb']:.0f} | {c['peak_mb']:.0f} |", flush=True)
+    for shape, precision, mode in ((s, p, m) for s in args.shapes for p in args.precision for m in args.compile):
+        job = (shape, args.batch, precision, args.steps, args.warmup, args.device, mode == "compiled")
+        results: dict[str, list[dict]] = {"open_clip": [], "ours": []}
+        for _ in range(args.repeats):
+            for name, fn in (("open_clip", run_open_clip), ("ours", run_ours)):
+                with ctx.Pool(1) as pool:
+                    results[name].append(pool.apply(fn, job))
+        med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
+        o, c = med["open_clip"], med["ours"]
+        peak = max(matmul_peak(precision, torch.device(args.device)) for _ in range(3))  # one peak for both
+        o["mfu"], c["mfu"] = o["flops_per_s"] / peak, c["flops_per_s"] / peak
+        print(f"| {shape} | {precision} | {mode} | {o['samples_per_s']:.1f} | {c['samples_per_s']:.1f} | "
+              f"{c['samples_per_s'] / o['samples_per_s']:.2f}x | {100 * o['mfu']:.1f}% | {100 * c['mfu']:.1f}% | "
+              f"{o['peak_mb']:.0f} | {c['peak_mb']:.0f} |", flush=True)
     return 0
 
 
