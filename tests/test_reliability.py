@@ -76,6 +76,7 @@ def test_sigkill_twenty_times_then_bit_identical(tmp_path):
     assert kill_and_resume(tmp_path, kills=20, seed=1) >= 15
 
 
+@pytest.mark.slow  # 21 s: keeps the default suite under 5 minutes; the kill -9 harness covers resume by default
 def test_sigterm_saves_and_resumes_exactly(tmp_path):
     straight = write_config(tmp_path, "straight", save_every=0)
     subprocess.run(train_cmd(straight), check=True, capture_output=True, timeout=300)
