@@ -19,13 +19,12 @@ import argparse
 import multiprocessing as mp
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import matmul_peak, peak_memory_mb, sync  # noqa: E402
+from train_step import matmul_peak, peak_memory_mb, time_steps  # noqa: E402
 
 # Model shapes: (our arch overrides on top of a built-in name, open_clip config).
 SHAPES = {
@@ -113,15 +112,7 @@ def _measure(step, cfg, batch: int, precision: str, steps: int, warmup: int, dev
     from cliptrain.models.flops import train_flops
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
-        t = time.perf_counter()
-        step()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    sec = statistics.median(times)
+    sec = time_steps(step, device, steps, warmup)
     return {"samples_per_s": batch / sec, "flops_per_s": train_flops(cfg) * batch / sec, "peak_mb": peak_memory_mb(device)}
 
 

@@ -51,6 +51,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
+def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
+    """Median seconds of `step()` over `steps` calls after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def bench(name: str, batch: int, precision: str, device: torch.device, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = create_model(name).to(device)
@@ -62,18 +75,13 @@ def bench(name: str, batch: int, precision: str, device: torch.device, steps: in
     texts[:, -1] = cfg.text.eot_token_id
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
-        t = time.perf_counter()
+    def train_step():
         opt.zero_grad(set_to_none=True)
         forward_backward(model, objective, images, texts, 1, precision)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    step = statistics.median(times)
+
+    step = time_steps(train_step, device, steps, warmup)
     peak = matmul_peak(precision, device)
     flops = train_flops(cfg) * batch / step
     return {"model": name, "batch": batch, "precision": precision, "samples_per_s": batch / step,

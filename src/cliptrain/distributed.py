@@ -151,9 +151,7 @@ def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The average of `tensor` over ranks (itself in one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    out = tensor.clone()
-    dist.all_reduce(out)
-    return out / dist.get_world_size()
+    return sum_over_ranks(tensor) / dist.get_world_size()
 
 
 @torch.no_grad()

@@ -4,9 +4,9 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-import torch.distributed as dist
 
 from cliptrain.data.samples import REASONS
+from cliptrain.distributed import sum_over_ranks
 
 __all__ = ["DataQuality", "DataQualityError"]
 
@@ -48,9 +48,7 @@ class DataQuality:
     def sync(self) -> None:
         """Add every rank's pending counts to the totals (a collective under torch.distributed)."""
         keys = ("seen", *REASONS)
-        counts = torch.tensor([self.pending[k] for k in keys], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts)
+        counts = sum_over_ranks(torch.tensor([self.pending[k] for k in keys], dtype=torch.float64))
         delta = Counter({k: int(v) for k, v in zip(keys, counts.tolist()) if v})
         self.run.update(delta)
         self.epoch.update(delta)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
+from cliptrain.data.samples import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
+
 __all__ = ["ShardError", "SourceSpec", "TarEvent", "expand_braces", "group_samples", "iter_tar", "open_url",
            "parse_sources", "shard_sizes"]
 
@@ -253,7 +255,6 @@ def group_samples(events: Iterator[TarEvent]) -> Iterator[dict]:
 
 def _mark(sample: dict, damaged: bool) -> bool:
     """Attach a corrupt-member error to an incomplete sample after damage; returns whether damage is still pending."""
-    from cliptrain.data.samples import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
     complete = any(e in sample for e in IMAGE_EXTENSIONS) and any(e in sample for e in CAPTION_EXTENSIONS)
     if damaged and not complete:
         sample["__error__"] = "corrupt_tar_member"

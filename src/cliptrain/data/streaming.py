@@ -261,7 +261,7 @@ class ShardStream(IterableDataset):
         for sample in itertools.islice(self._decoded(items, epoch, skipped), todo * b):
             out.append(sample)
             if len(out) == b:
-                yield self._collate(out)
+                yield self.collate(out)
                 out = []
 
     def _decoded(self, items: Iterator[dict], epoch: int, earlier: deque) -> Iterator[tuple]:
@@ -301,9 +301,6 @@ class ShardStream(IterableDataset):
         image, caption = decoded or decode_item(item, self.caption_key, self.max_pixels)
         pixels = augment(self.transform, image, self.seed, epoch, seed_id)
         return pixels, caption, item["__id__"], [(b.reason, b.key, b.detail) for b in bad]
-
-    def _collate(self, samples: list):
-        return self.collate(samples)
 
 
 class ShardSamples:

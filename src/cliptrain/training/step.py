@@ -27,6 +27,21 @@ def _total(objective: Objective, output: ModelOutput) -> tuple[torch.Tensor, dic
     return total, {**{k: v.detach() for k, v in losses.items()}, "loss": total.detach()}
 
 
+def _first_pass(model: nn.Module, objective: Objective, chunks: list, precision: str, teacher: nn.Module | None):
+    """Encode every micro-batch without gradients: (per-sample outputs, token sums, the RNG state before
+    each micro-batch, the RNG state after all). Each micro-batch is re-encoded later with the random
+    draws (e.g. patch dropout) of this pass."""
+    device = chunks[0][0].device
+    outs, sums, rng = [], [], []
+    with torch.no_grad(), autocast(precision, device):
+        for i, t in chunks:
+            rng.append(device_rng_state(device))
+            out, captioned = _split_tokens(_encode(model, teacher, i, t))
+            outs.append(out)
+            sums.append(_token_sums(objective, captioned))
+    return outs, sums, rng, device_rng_state(device)
+
+
 def forward_backward(model: nn.Module, objective: Objective, images: torch.Tensor, texts: torch.Tensor,
                      accum_steps: int = 1, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
                      world: World | None = None, no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -61,15 +76,7 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     if accum_steps == 1:
         return _single_backward(model, objective, images, texts, precision, scale, world, teacher)
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
-    rng = []  # each micro-batch is re-encoded with the random draws (e.g. patch dropout) of its first pass
-    with torch.no_grad(), autocast(precision, images.device):
-        outs, sums = [], []
-        for i, t in chunks:
-            rng.append(device_rng_state(images.device))
-            out, captioned = _split_tokens(_encode(model, teacher, i, t))
-            outs.append(out)
-            sums.append(_token_sums(objective, captioned))
-    after = device_rng_state(images.device)
+    outs, sums, rng, after = _first_pass(model, objective, chunks, precision, teacher)
     counts = _global_counts(sums, world)
     joined = _join(outs, world)
     total, logged = _total(objective, ModelOutput(**joined))
