@@ -19,23 +19,14 @@ from cliptrain.transforms import to_rgb
 __all__ = ["contact_sheet", "convert_to_shards", "inspect_data", "iter_pairs"]
 
 
-def _open(path: str, image_key: str, caption_key: str, max_pixels: int | None):
-    from cliptrain.data.streaming import ShardSet
-    from cliptrain.data.tables import FolderSource, TableSource
-    kind = detect_source(path)
-    if kind == "table":
-        return kind, TableSource(path, image_key, caption_key, max_pixels)
-    if kind == "folder":
-        return kind, FolderSource(path, max_pixels)
-    return kind, ShardSet(path, log=lambda _: None)
-
-
 def iter_pairs(path: str, image_key: str = "image", caption_key: str = "caption", max_pixels: int | None = None,
                limit: int | None = None) -> Iterator[tuple[str, Image.Image | None, str | list | None, BadSample | None]]:
     """(key, image, caption, None) for each readable sample of a table, folder or shard set, and
     (key, None, None, BadSample) for each bad one; at most `limit` samples."""
     from cliptrain.data.streaming import decode_item
-    kind, source = _open(path, image_key, caption_key, max_pixels)
+    from cliptrain.data.sources import open_source
+    kind = detect_source(path)
+    source = open_source(kind, path, True, image_key, caption_key, max_pixels, log=lambda _: None)
     if kind == "shards":
         items = (item for s in range(len(source.urls)) for item in source.read(s))
         keyed = ((item["__key__"], lambda item=item: decode_item(item, caption_key, max_pixels)) for item in items)

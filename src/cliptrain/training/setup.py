@@ -12,8 +12,8 @@ import yaml
 from cliptrain.config import ConfigError, RunConfig, detect_source, flatten, from_dict, save_config, to_dict
 from cliptrain.data import PairDataset, readable_only
 from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDataset
-from cliptrain.data.streaming import ShardSamples, ShardSet, ShardStream
-from cliptrain.data.tables import FolderSource, TableSource
+from cliptrain.data.sources import open_source
+from cliptrain.data.streaming import ShardSet, ShardStream
 from cliptrain.distributed import World, broadcast_object
 from cliptrain.evaluation.evaluate import EvalSet
 from cliptrain.models import CLIP, build_model, create_model
@@ -93,26 +93,13 @@ def build_sources(cfg: RunConfig, image_size: int, train: bool = True, log: Call
         from cliptrain.data.openmoji import OpenmojiSource
         val = OpenmojiSource("val", cfg.train.seed)
         return OpenmojiSource("train", cfg.train.seed) if train else None, val, val.zeroshot()
-    train_src = open_source(kind, d.train_path, cfg, train=True, log=log) if train else None
+    keys = dict(image_key=d.image_key, caption_key=d.caption_key, max_pixels=d.max_image_pixels, log=log)
+    train_src = open_source(kind, d.train_path, True, weights=d.weights, **keys) if train else None
     val = None
     if d.val_path:
         val_kind = detect_source(d.val_path) if d.source == "auto" else kind
-        val = readable_only(open_source(val_kind, d.val_path, cfg, train=False, log=log), d.val_path, log)
+        val = readable_only(open_source(val_kind, d.val_path, False, **keys), d.val_path, log)
     return train_src, val, {}
-
-
-def open_source(kind: str, path: str, cfg: RunConfig, train: bool, log: Callable[[str], None] = print):
-    """The pairs at `path`: a table, an image folder, or shards (a ShardSet to stream when `train`)."""
-    d = cfg.data
-    if kind == "table":
-        return TableSource(path, d.image_key, d.caption_key, d.max_image_pixels)
-    if kind == "folder":
-        return FolderSource(path, d.max_image_pixels)
-    if kind == "shards":
-        if train:
-            return ShardSet(path, d.weights, log=log)
-        return ShardSamples(path, d.caption_key, d.max_image_pixels, log=log)
-    raise ConfigError(f"data.source {kind!r} has no data at a path")
 
 
 def build_train_data(cfg: RunConfig, source, transform, tokenizer: Tokenizer) -> PairDataset | ShardStream:
