@@ -96,3 +96,70 @@ def test_bf16_autocast_matches_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model.encode_image(x)
     assert (low.float() - ref).abs().max() < 0.05
+
+
+def _pooled_reference(model, images, texts):
+    """Features from every position's outputs, pooled afterwards (the plain computation the towers skip)."""
+    v, t = model.visual, model.text
+    tokens = v._blocks(images)
+    image = v.map_head(v.ln_post(tokens)) @ v.proj if v.map_head is not None else v.ln_post(tokens[:, 0]) @ v.proj
+    return image, t.pool(t.forward_tokens(texts), texts)
+
+
+@pytest.mark.parametrize("name,arch", [
+    ("tiny", MICRO_ARCH),                                                  # class token; causal text at the eot
+    ("tiny", {**MICRO_ARCH, "text": {**MICRO_ARCH["text"], "pool": "last"}}),
+    ("tiny-siglip", {"vision": {"layers": 2}, "text": {"layers": 2}}),     # MAP head; bidirectional, last position
+    ("tiny", {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], "layers": 1, "patch_dropout": 0.5}}),
+])
+def test_last_block_computes_only_the_pooled_position(name, arch):
+    # The towers' last block computes the pooled position alone; features and every gradient equal the
+    # full computation's.
+    model = create_model(name, **arch).train()
+    size, ctx = model.cfg.vision.image_size, model.cfg.text.context_length
+    images = torch.randn(4, 3, size, size)
+    texts = torch.randint(3, 500, (4, ctx))
+    texts[0, 3], texts[1, ctx - 1], texts[2, 0] = 2, 2, 2                   # eot early, last, first; row 3: none
+    grads = []
+    for fn in (lambda: (model.encode_image(images, normalize=False), model.encode_text(texts, normalize=False)),
+               lambda: _pooled_reference(model, images, texts)):
+        model.zero_grad()
+        torch.manual_seed(1)                                               # the same patch dropout
+        image, text = fn()
+        ((image * torch.linspace(-1, 1, image.shape[1])).sum() + (text ** 2).sum()).backward()
+        grads.append((image.detach(), text.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None}))
+    (i1, t1, g1), (i2, t2, g2) = grads
+    assert torch.allclose(i1, i2, atol=1e-5, rtol=1e-5) and torch.allclose(t1, t2, atol=1e-5, rtol=1e-5)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        scale = g2[n].abs().max().clamp(min=1e-3)
+        assert (g1[n] - g2[n]).abs().max() <= 1e-5 * scale, (n, float((g1[n] - g2[n]).abs().max()), float(scale))
+
+
+@pytest.mark.parametrize("name,arch", [("tiny", MICRO_ARCH), ("coca-tiny", {"vision": {"layers": 2}})])
+def test_forward_flops_match_torch_flop_counter(name, arch):
+    # The analytic count equals what torch counts on the model as built (matmuls, attention, patch convolution),
+    # with the towers' last blocks at the pooled position alone (CLIP) or at every position (CoCa's decoder
+    # reads them all); the plain count is what an implementation without that saving does.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cliptrain.models.flops import forward_flops
+    model = create_model(name, **arch)
+    cfg = model.cfg
+    images = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    texts = torch.randint(3, 500, (1, cfg.text.context_length))
+    # The math attention backend is counted as its matmuls (the fused CPU kernel is not counted at all).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        if cfg.multimodal is None:
+            model.encode_image(images), model.encode_text(texts)
+        else:
+            model(images, texts)
+    counted = counter.get_total_flops()
+    if cfg.multimodal is None:
+        assert forward_flops(cfg) == counted
+        assert forward_flops(cfg, pooled_last_block=False) > 1.2 * counted
+    else:
+        assert forward_flops(cfg) == forward_flops(cfg, pooled_last_block=False)
+        assert forward_flops(cfg) == counted

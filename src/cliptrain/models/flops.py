@@ -4,26 +4,34 @@ from __future__ import annotations
 from cliptrain.models.config import CLIPConfig
 
 
-def _tower_flops(width: int, layers: int, tokens: int, mlp_ratio: float) -> float:
-    """Forward matmul FLOPs of a transformer stack on `tokens` tokens (QKV, output, MLP, attention)."""
+def _tower_flops(width: int, layers: int, tokens: int, mlp_ratio: float, pooled: bool = False) -> float:
+    """Forward matmul FLOPs of a transformer stack on `tokens` tokens (QKV, output, MLP, attention); `pooled`:
+    its last block computes one position (keys and values of all, the rest of that one alone)."""
     hidden = int(width * mlp_ratio)
-    linear = 2 * tokens * (3 * width * width + width * width + 2 * width * hidden)
-    attention = 2 * 2 * tokens * tokens * width      # q @ k^T and attn @ v
-    return layers * (linear + attention)
+    per_token = 3 * width * width + width * width + 2 * width * hidden
+    block = 2 * tokens * per_token + 2 * 2 * tokens * tokens * width      # attention: q @ k^T and attn @ v
+    if not pooled or layers == 0:
+        return layers * block
+    last = 2 * tokens * 2 * width * width + 2 * (per_token - 2 * width * width) + 2 * 2 * tokens * width
+    return (layers - 1) * block + last
 
 
-def forward_flops(cfg: CLIPConfig) -> float:
-    """Matmul FLOPs of one sample's forward pass (image and text); training costs about 3x this."""
+def forward_flops(cfg: CLIPConfig, pooled_last_block: bool = True) -> float:
+    """Matmul FLOPs of one sample's forward pass (image and text); training costs about 3x this.
+    `pooled_last_block`: count the towers' last blocks as cliptrain computes them (the pooled position
+    alone, where only it is used); false: every position, as a plain implementation does."""
     v, t = cfg.vision, cfg.text
     if v.timm_model or t.is_hf:
         raise ValueError("FLOP counts cover cliptrain's own ViT and text transformer, not timm / Hugging Face towers")
+    coca = cfg.multimodal is not None   # the caption decoder reads every position of both towers
     patches = (v.image_size // v.patch_size) ** 2
-    flops = _tower_flops(v.width, v.layers, patches + 1, v.mlp_ratio)
+    tokens = patches + int(v.class_token)
+    flops = _tower_flops(v.width, v.layers, tokens, v.mlp_ratio, pooled_last_block and v.pool == "cls" and not coca)
     flops += 2 * patches * 3 * v.patch_size ** 2 * v.width          # patch embedding
-    flops += _tower_flops(t.width, t.layers, t.context_length, t.mlp_ratio)
+    flops += _tower_flops(t.width, t.layers, t.context_length, t.mlp_ratio, pooled_last_block and not coca)
     flops += 2 * (v.width + t.width) * cfg.embed_dim                # projections
-    if cfg.multimodal is not None:
-        flops += _coca_flops(cfg, patches + 1)
+    if coca:
+        flops += _coca_flops(cfg, tokens)
     return float(flops)
 
 
@@ -40,6 +48,6 @@ def _coca_flops(cfg: CLIPConfig, image_tokens: int) -> float:
     return pools + _tower_flops(w, m.layers, length, m.mlp_ratio) + m.layers * cross + head
 
 
-def train_flops(cfg: CLIPConfig) -> float:
+def train_flops(cfg: CLIPConfig, pooled_last_block: bool = True) -> float:
     """Matmul FLOPs of one sample's forward and backward pass (3x the forward)."""
-    return 3 * forward_flops(cfg)
+    return 3 * forward_flops(cfg, pooled_last_block)

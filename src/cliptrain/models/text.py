@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from cliptrain.models.config import TextConfig
-from cliptrain.models.layers import AdapterTower, Transformer, import_optional, lock_blocks, projection_head
+from cliptrain.models.layers import (AdapterTower, PoolIndex, Transformer, import_optional, lock_blocks, pick,
+                                     projection_head)
 
 
 def text_tower(cfg: TextConfig, embed_dim: int, activation: str, pretrained: bool = True,
@@ -49,31 +50,40 @@ class TextTransformer(nn.Module):
         last = torch.full_like(texts[:, 0], texts.shape[1] - 1)
         return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), last)
 
-    def forward_tokens(self, texts: torch.Tensor) -> torch.Tensor:
-        """[B, L] token ids -> [B, L, width] final-norm outputs of every position (causal: each sees its prefix)."""
+    def _blocks(self, texts: torch.Tensor, index: PoolIndex | None = None) -> torch.Tensor:
+        """[B, L] token ids -> [B, L, width] outputs of the last block; with `index`, its output at that position
+        alone, [B, width]."""
         length = texts.shape[1]
         if length > self.cfg.context_length:
             raise ValueError(f"texts have {length} tokens but the model's context length is {self.cfg.context_length}")
         x = self.token_embedding(texts) + self.positional_embedding[:length]
-        return self.ln_final(self.transformer(x, is_causal=self.cfg.causal))
+        return self.transformer(x, is_causal=self.cfg.causal, index=index)
 
-    def pool(self, tokens: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        """The projected output at each row's first end-of-text token (or the last position, `pool: last`):
-        [B, embed_dim] unnormalised features."""
-        if self.cfg.pool == "last":
-            pooled = tokens[:, -1]
-        else:
-            pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_positions(texts)]
+    def forward_tokens(self, texts: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids -> [B, L, width] final-norm outputs of every position (causal: each sees its prefix)."""
+        return self.ln_final(self._blocks(texts))
+
+    def pool_index(self, texts: torch.Tensor) -> PoolIndex:
+        """The position the features come from: each row's first end-of-text token, or the last (`pool: last`)."""
+        return -1 if self.cfg.pool == "last" else self.eot_positions(texts)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, width] pooled outputs -> [B, embed_dim] unnormalised features."""
         if self.text_projection_bias is not None:
             return pooled @ self.text_projection + self.text_projection_bias
         return pooled @ self.text_projection
 
+    def pool(self, tokens: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """[B, L, width] final-norm outputs -> [B, embed_dim] features at the pooled position."""
+        return self.project(pick(tokens, self.pool_index(texts))[:, 0])
+
     def forward(self, texts: torch.Tensor, return_tokens: bool = False):
         """[B, L] token ids -> [B, embed_dim] unnormalised features; with `return_tokens`, (features, the
         [B, L, width] outputs of every position) (one call, so FSDP gathers the tower's weights once)."""
-        tokens = self.forward_tokens(texts)
-        features = self.pool(tokens, texts)
-        return (features, tokens) if return_tokens else features
+        if return_tokens:
+            tokens = self.forward_tokens(texts)
+            return self.pool(tokens, texts), tokens
+        return self.project(self.ln_final(self._blocks(texts, index=self.pool_index(texts))))
 
     def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze the tower, leaving its last `unlocked_layers` blocks, final norm and projection trainable when

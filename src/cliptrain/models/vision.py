@@ -57,8 +57,9 @@ class VisionTransformer(nn.Module):
         patches = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         return torch.cat([x[:, :first], patches], dim=1)
 
-    def _blocks(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] images -> [B, 1 + kept patches, width] outputs of the last block (class token first)."""
+    def _blocks(self, images: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """[B, 3, H, W] images -> [B, 1 + kept patches, width] outputs of the last block (class token first);
+        with `index`, the last block's output at that position alone, [B, width]."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)          # B, N, W
         if self.class_embedding is not None:
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -66,7 +67,7 @@ class VisionTransformer(nn.Module):
         x = x + self.positional_embedding.to(x.dtype)
         if self.training and self.cfg.patch_dropout > 0:
             x = self._drop_patches(x)
-        return self.transformer(self.ln_pre(x))
+        return self.transformer(self.ln_pre(x), index=index)
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images -> [B, tokens, width] final-norm token outputs (for attentional pooling)."""
@@ -74,10 +75,9 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images -> [B, embed_dim] unnormalised features."""
-        x = self._blocks(images)
         if self.map_head is not None:
-            return self.map_head(self.ln_post(x)) @ self.proj
-        return self.ln_post(x[:, 0]) @ self.proj
+            return self.map_head(self.ln_post(self._blocks(images))) @ self.proj
+        return self.ln_post(self._blocks(images, index=0)) @ self.proj
 
     def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze the tower (LiT), leaving its last `unlocked_layers` blocks, final norm and projection trainable
