@@ -73,11 +73,16 @@ class TextConfig:
     causal: bool = True                  # causal attention mask (CLIP); SigLIP's text tower is bidirectional
     pool: Literal["eot", "last"] = "eot"  # pool at the first end-of-text token, or at the last position (SigLIP)
     proj_bias: bool = False              # a bias after the text projection (SigLIP)
+    # open_clip CoCa's text tower (embed_cls): a learned CLS token after the context_length tokens, padding
+    # masked as open_clip masks it; features from the CLS output, the decoder reads the un-normed text outputs
+    cls_token: bool = False
 
     def __post_init__(self):
         if self.context_length < 2:
             raise ConfigError(f"text.context_length must be >= 2, got {self.context_length}")
         if self.is_hf:
+            if self.cls_token:
+                raise ConfigError("text.cls_token needs cliptrain's own text tower; unset text.hf_model")
             return
         if self.width % self.heads:
             raise ConfigError(f"text.width ({self.width}) must be divisible by text.heads ({self.heads})")
@@ -98,6 +103,9 @@ class MultimodalConfig:
     mlp_ratio: float = 4.0
     image_tokens: int = 256              # queries of the captioning pooler (the decoder's image tokens)
     pool_heads: int = 8                  # heads of both attentional poolers
+    # open_clip's CoCa pooling: one pooler (decoder width, image_tokens + 1 queries) over the ViT's un-normed
+    # tokens, then the final norm; query 0 is the contrastive embedding, the rest the decoder's image tokens
+    single_pooler: bool = False
 
     def __post_init__(self):
         if min(self.layers, self.heads, self.image_tokens, self.pool_heads) < 1:

@@ -38,18 +38,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: boolean [B, 1, N, N], True where a query may attend to a key (the causal mask included)."""
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        return self.out(_sdpa(q, k, v, is_causal).transpose(1, 2).reshape(b, n, w))
+        return self.out(_sdpa(q, k, v, is_causal, mask).transpose(1, 2).reshape(b, n, w))
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
+          mask: torch.Tensor | None = None) -> torch.Tensor:
+    if mask is not None:
+        is_causal = False  # the mask already holds it
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # On CPU the fused bf16 kernel's backward is several times slower than the matmul-based one.
         with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
 class CrossAttention(nn.Module):
@@ -139,8 +143,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
         self.mlp = MLP(width, mlp_hidden(width, mlp_ratio), activation)
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), is_causal=is_causal)
+    def forward(self, x: torch.Tensor, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), is_causal=is_causal, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -154,13 +158,14 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, activation, norm_eps) for _ in range(layers))
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: see `Attention.forward`; it replaces `is_causal` when given."""
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Activations of the block are recomputed in backward instead of being stored.
-                x = checkpoint(block, x, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, is_causal, mask, use_reentrant=False)
             else:
-                x = block(x, is_causal=is_causal)
+                x = block(x, is_causal=is_causal, mask=mask)
         return x
 
     def init_weights(self) -> None:

@@ -23,13 +23,16 @@ def text_tower(cfg: TextConfig, embed_dim: int, activation: str, pretrained: boo
 class TextTransformer(nn.Module):
     """Token + position embeddings, causal blocks, final norm, projection at the first end-of-text token.
 
-    SigLIP's variant (config switches): bidirectional blocks, pooled at the last position, biased projection."""
+    SigLIP's variant (config switches): bidirectional blocks, pooled at the last position, biased projection.
+    open_clip CoCa's variant (`cls_token`): a learned CLS token after the text, padding masked; the features
+    are the normed, projected CLS output and the token outputs (for a decoder) are not normed."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int, activation: str, norm_eps: float = 1e-5):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.cls_embedding = nn.Parameter(torch.empty(cfg.width)) if cfg.cls_token else None
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length + int(cfg.cls_token), cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, norm_eps)
         self.ln_final = nn.LayerNorm(cfg.width, eps=norm_eps)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
@@ -40,6 +43,8 @@ class TextTransformer(nn.Module):
         """CLIP initialisation."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.cls_embedding is not None:
+            nn.init.normal_(self.cls_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=self.cfg.width ** -0.5)
         self.transformer.init_weights()
 
@@ -49,13 +54,39 @@ class TextTransformer(nn.Module):
         last = torch.full_like(texts[:, 0], texts.shape[1] - 1)
         return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), last)
 
-    def forward_tokens(self, texts: torch.Tensor) -> torch.Tensor:
-        """[B, L] token ids -> [B, L, width] final-norm outputs of every position (causal: each sees its prefix)."""
+    def _blocks(self, texts: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids -> [B, L (+1 with the CLS token), width] outputs of the last block."""
         length = texts.shape[1]
         if length > self.cfg.context_length:
             raise ValueError(f"texts have {length} tokens but the model's context length is {self.cfg.context_length}")
-        x = self.token_embedding(texts) + self.positional_embedding[:length]
-        return self.ln_final(self.transformer(x, is_causal=self.cfg.causal))
+        x = self.token_embedding(texts)
+        if self.cls_embedding is None:
+            return self.transformer(x + self.positional_embedding[:length], is_causal=self.cfg.causal)
+        x = torch.cat([x, self.cls_embedding.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+        x = x + self.positional_embedding[:length + 1]
+        return self.transformer(x, mask=self._cls_mask(texts))
+
+    def _cls_mask(self, texts: torch.Tensor) -> torch.Tensor:
+        """[B, 1, L+1, L+1] attention mask of the CLS variant, open_clip's (correct_cls_mask false): the key
+        at position j is hidden when token j-1 is padding (the padding flags shifted one place right, so the
+        CLS key is hidden after padded text and the first padding key is not); causal unless `causal` false."""
+        n = texts.shape[1] + 1
+        keep = torch.cat([torch.ones_like(texts[:, :1], dtype=torch.bool), texts != self.cfg.pad_token_id], dim=1)
+        mask = keep[:, None, None, :]
+        if self.cfg.causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=texts.device).tril()
+        return mask
+
+    def forward_tokens(self, texts: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids -> [B, L, width] outputs of every position (causal: each sees its prefix): final-norm
+        ones, or with the CLS token the blocks' un-normed ones (as open_clip's CoCa feeds its decoder)."""
+        x = self._blocks(texts)
+        return x[:, :-1] if self.cls_embedding is not None else self.ln_final(x)
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.text_projection_bias is not None:
+            return pooled @ self.text_projection + self.text_projection_bias
+        return pooled @ self.text_projection
 
     def pool(self, tokens: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """The projected output at each row's first end-of-text token (or the last position, `pool: last`):
@@ -64,15 +95,17 @@ class TextTransformer(nn.Module):
             pooled = tokens[:, -1]
         else:
             pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_positions(texts)]
-        if self.text_projection_bias is not None:
-            return pooled @ self.text_projection + self.text_projection_bias
-        return pooled @ self.text_projection
+        return self._project(pooled)
 
     def forward(self, texts: torch.Tensor, return_tokens: bool = False):
         """[B, L] token ids -> [B, embed_dim] unnormalised features; with `return_tokens`, (features, the
         [B, L, width] outputs of every position) (one call, so FSDP gathers the tower's weights once)."""
-        tokens = self.forward_tokens(texts)
-        features = self.pool(tokens, texts)
+        if self.cls_embedding is not None:
+            x = self._blocks(texts)
+            features, tokens = self._project(self.ln_final(x[:, -1])), x[:, :-1]
+        else:
+            tokens = self.forward_tokens(texts)
+            features = self.pool(tokens, texts)
         return (features, tokens) if return_tokens else features
 
     def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
@@ -87,7 +120,7 @@ class TextTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (within the tower) excluded from weight decay besides biases and norms."""
-        return {"positional_embedding"}
+        return {"positional_embedding"} | ({"cls_embedding"} if self.cls_embedding is not None else set())
 
     def block_modules(self) -> list[nn.Module]:
         """The repeated blocks (units of FSDP sharding)."""

@@ -8,9 +8,8 @@ Import (:func:`import_pretrained`) reads any of
   * a Hugging Face hub id (``org/name`` or ``hf-hub:org/name``), downloaded with huggingface_hub;
 and returns the architecture, our state dict, the tokenizer and the preprocessing, so the cliptrain
 model gives the same outputs as the original. Export writes open_clip and Hugging Face directories.
-
-COCA_HOOK: open_clip CoCa configs (``multimodal_cfg``) are refused in `config_from_open_clip` until the
-CoCa model (branch ``coca``) lands; its import belongs in ``convert/open_clip.py`` next to the CLIP one.
+open_clip CoCa models (coca_ViT-B-32, coca_ViT-L-14) import as cliptrain CoCa models with open_clip's
+layout switches (`text.cls_token`, `multimodal.single_pooler`); CoCa models do not export.
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from cliptrain.models.clip import CLIP
 from cliptrain.models.config import CLIPConfig
 from cliptrain.models.convert import hf, open_clip
 from cliptrain.models.convert.text_tokenizers import load_hf_dir_tokenizer, write_hf_tokenizer
-from cliptrain.models.registry import TIMM_PREFIX, get_model_config, list_models
+from cliptrain.models.registry import TIMM_PREFIX, build_model, get_model_config, list_models
 from cliptrain.tokenizer import TOKENIZER_FILE, Tokenizer, load_clip_bpe
 from cliptrain.typed import ConfigError, from_dict, to_dict
 
@@ -59,7 +58,7 @@ class Imported:
 
     def model(self, config: CLIPConfig | None = None) -> CLIP:
         """The cliptrain model with the imported weights, in eval mode (strict: every weight must fit)."""
-        return self.load_into(CLIP(config or self.config)).eval()
+        return self.load_into(build_model(config or self.config, pretrained=False)).eval()
 
     def load_into(self, model: CLIP) -> CLIP:
         """Copy the imported weights into `model`; a clear error names the weights that do not fit."""
