@@ -111,3 +111,63 @@ def test_export_to_hugging_face_refuses_a_learned_tokenizer_with_the_fix(trained
     assert main(["export", "--checkpoint", str(last), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert "eos_token_id is 2" in err and "--tokenizer.path bpe_simple_vocab_16e6.txt.gz" in err
+
+
+def write_tiny_siglip(directory):
+    """A random tiny Hugging Face SiglipModel directory with a SentencePiece tokenizer trained here, on
+    generated sentences (accented words included), so nothing is fetched."""
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (optional, test extra)")
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece not installed (optional, test extra)")
+    import io
+    import random
+    rng = random.Random(0)
+    words = ("a photo of the cat dog red blue green big small circle square café crème brûlée naïve résumé "
+             "ångström jerry tom bold quotes numbers 1234 running jumping").split()
+    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(300)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=60,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2)
+    directory.mkdir(parents=True)
+    (directory / "spiece.model").write_bytes(model.getvalue())
+    tokenizer = transformers.SiglipTokenizer(str(directory / "spiece.model"), model_max_length=16)
+    torch.manual_seed(0)
+    config = transformers.SiglipConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+    transformers.SiglipModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def test_siglip_fine_tunes_checkpoints_resumes_and_loads_without_its_directory(tmp_path):
+    import shutil
+    from test_convert import TRICKY
+    source = tmp_path / "siglip"
+    theirs = write_tiny_siglip(source)
+    model = {"name": "tiny-siglip", "arch": {}, "pretrained": str(source)}
+    train = {"steps": 2, "save_every": 1, "name": "sig", "tensorboard": False, "batch_size": 16}
+    quick = {"data": {"train_samples": 64, "val_samples": 16},
+             "eval": {"zeroshot": False, "retrieval": False, "val_loss": False}}
+    trainer = build_trainer(micro_config(tmp_path, model=model, train=train, **quick))
+    trainer.fit()
+    steps = ckpt.list_checkpoints(tmp_path / "sig")
+    assert [p.name for p in steps] == ["step_0000001", "step_0000002"]
+    assert (steps[0] / "transformers_tokenizer" / "spiece.model").is_file()
+    final = import_pretrained(steps[-1]).state_dict
+    shutil.rmtree(source)                                   # the checkpoint alone must suffice
+
+    resumed = build_trainer(micro_config(tmp_path, model=model, train={**train, "resume": str(steps[0])}, **quick))
+    resumed.fit()
+    again = ckpt.unwrap(resumed.model).state_dict()
+    assert all(torch.equal(again[k], final[k]) for k in final)   # resuming is exact
+
+    loaded, _, tokenizer = cliptrain.load(steps[-1])
+    expected = theirs(TRICKY, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(tokenizer(TRICKY), expected)
+    assert torch.equal(resumed.tokenizer(TRICKY), expected)
+    assert loaded.model.logit_bias is not None
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_text(TRICKY[:3]), loaded.encode_text(expected[:3]))

@@ -25,7 +25,7 @@ from cliptrain.constants import OPENAI_MEAN, OPENAI_STD
 from cliptrain.models.clip import CLIP
 from cliptrain.models.config import CLIPConfig
 from cliptrain.models.convert import hf, open_clip
-from cliptrain.models.convert.text_tokenizers import load_hf_dir_tokenizer, write_hf_tokenizer
+from cliptrain.models.convert.text_tokenizers import load_hf_dir_tokenizer, load_tokenizer, write_hf_tokenizer
 from cliptrain.models.registry import TIMM_PREFIX, build_model, get_model_config, list_models
 from cliptrain.tokenizer import TOKENIZER_FILE, Tokenizer, load_clip_bpe
 from cliptrain.typed import ConfigError, from_dict, to_dict
@@ -125,7 +125,7 @@ def import_pretrained(spec: str | Path, name: str | None = None, tokenizer_path:
 def _tokenizer_file(path: Path, context_length: int):
     if path.name.endswith((".txt", ".txt.gz")):
         return load_clip_bpe(path, context_length=context_length)
-    return Tokenizer.load(path)
+    return load_tokenizer(path)
 
 
 def _from_cliptrain(path: Path) -> Imported:
@@ -143,7 +143,7 @@ def _from_cliptrain(path: Path) -> Imported:
     a = data.get("augment", {})
     pre = Preprocess(cfg.vision.image_size, tuple(a.get("mean", OPENAI_MEAN)), tuple(a.get("std", OPENAI_STD)),
                      a.get("interpolation", "bicubic"), a.get("resize_mode", "shortest"))
-    tok = Tokenizer.load(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
+    tok = load_tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
     return Imported(cfg, load_file(str(weights)), tok, pre, "cliptrain checkpoint")
 
 
@@ -176,7 +176,7 @@ def _from_file(path: Path, name: str | None) -> Imported:
 
 def _sibling_tokenizer(folder: Path, context_length: int):
     if (folder / TOKENIZER_FILE).is_file():
-        return Tokenizer.load(folder / TOKENIZER_FILE)
+        return load_tokenizer(folder / TOKENIZER_FILE)
     for name in MERGES_FILES:
         if (folder / name).is_file():
             return load_clip_bpe(folder / name, context_length=context_length)
