@@ -300,7 +300,7 @@ def test_checkpoint_config_without_the_new_model_fields_still_loads(tmp_path):
     arch = to_dict(model.cfg)
     for key in ("activation", "norm_eps"):
         del arch[key]
-    for key in ("patch_bias", "class_token", "ln_pre", "pool"):
+    for key in ("patch_bias", "class_token", "ln_pre", "pool", "proj"):
         del arch["vision"][key]
     for key in ("causal", "pool", "proj_bias", "cls_token"):
         del arch["text"][key]

@@ -30,6 +30,8 @@ class VisionConfig:
     class_token: bool = True             # a learned class token in front of the patches (SigLIP: none)
     ln_pre: bool = True                  # a LayerNorm before the blocks (CLIP; SigLIP has none)
     pool: Literal["cls", "map"] = "cls"  # features from the class token, or a MAP head (attention pooling, SigLIP)
+    proj: bool = True                    # project the pooled features to embed_dim; false (Hugging Face SigLIP): none,
+                                         # the width is the embedding size
 
     def __post_init__(self):
         if not 0 <= self.patch_dropout < 1:
@@ -127,9 +129,14 @@ class CLIPConfig:
     multimodal: MultimodalConfig | None = None  # set: a CoCa with a captioning decoder (models/coca.py)
 
     def __post_init__(self):
+        if not self.vision.proj and not self.vision.timm_model and self.vision.width != self.embed_dim:
+            raise ConfigError(f"vision.proj false needs vision.width ({self.vision.width}) to equal embed_dim "
+                              f"({self.embed_dim})")
         m = self.multimodal
         if m is None:
             return
+        if not self.vision.proj:
+            raise ConfigError("a CoCa (multimodal section) needs vision.proj true")
         for name, width, key, heads in (("text.width", self.text.width, "heads", m.heads),
                                         ("text.width", self.text.width, "pool_heads", m.pool_heads),
                                         ("vision.width", self.vision.width, "pool_heads", m.pool_heads)):

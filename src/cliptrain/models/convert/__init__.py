@@ -25,7 +25,8 @@ from cliptrain.constants import OPENAI_MEAN, OPENAI_STD
 from cliptrain.models.clip import CLIP
 from cliptrain.models.config import CLIPConfig
 from cliptrain.models.convert import hf, open_clip
-from cliptrain.models.convert.text_tokenizers import load_hf_dir_tokenizer, load_tokenizer, write_hf_tokenizer
+from cliptrain.models.convert.text_tokenizers import (HFTokenizer, load_hf_dir_tokenizer, load_tokenizer,
+                                                      write_hf_tokenizer)
 from cliptrain.models.registry import TIMM_PREFIX, build_model, get_model_config, list_models
 from cliptrain.tokenizer import TOKENIZER_FILE, Tokenizer, load_clip_bpe
 from cliptrain.typed import ConfigError, from_dict, to_dict
@@ -269,21 +270,34 @@ def export_open_clip(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: s
 
 
 def export_hf(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: str | Path) -> Path:
-    """Write a Hugging Face CLIPModel directory: config.json, model.safetensors, preprocessor_config.json and
-    (for the CLIP BPE) vocab.json / merges.txt / tokenizer_config.json."""
+    """Write a Hugging Face directory: a SiglipModel for SigLIP-style models (MAP head, last-token text pooling
+    or a logit bias; anything else SigLIP lacks is refused, naming it), else a CLIPModel. config.json,
+    model.safetensors, preprocessor_config.json and the tokenizer's files: SentencePiece (SigLIP) as its
+    transformers files, the CLIP BPE as vocab.json / merges.txt, any other as cliptrain_tokenizer.json."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    config = hf.config_to_hf_clip(model.cfg, tokenizer)
+    sd = model.state_dict()
+    if hf.is_siglip_style(model.cfg):
+        proj = sd.get("visual.proj")
+        identity = proj is not None and proj.shape[0] == proj.shape[1] and torch.equal(proj, torch.eye(len(proj)))
+        differs = hf.siglip_differences(model.cfg, identity)
+        if differs:
+            raise ValueError(f"this model cannot be exported as a Hugging Face SiglipModel; it differs in: "
+                             f"{'; '.join(differs)}")
+        config, weights = hf.config_to_hf_siglip(model.cfg, tokenizer), hf.state_dict_to_hf_siglip(sd)
+    else:
+        config, weights = hf.config_to_hf_clip(model.cfg, tokenizer), hf.state_dict_to_hf_clip(sd)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    sd = hf.state_dict_to_hf_clip(model.state_dict())
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, str(out / "model.safetensors"),
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     p = preprocess
     (out / "preprocessor_config.json").write_text(json.dumps(
         hf.preprocess_to_hf(p.image_size, p.mean, p.std, p.interpolation, p.resize_mode), indent=1))
-    if tokenizer is not None and getattr(tokenizer, "is_clip_bpe", False):
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.backend.save_pretrained(str(out))
+    elif tokenizer is not None and getattr(tokenizer, "is_clip_bpe", False):
         write_hf_tokenizer(tokenizer, out)
     elif tokenizer is not None:
         tokenizer.save(out / "cliptrain_tokenizer.json")
