@@ -28,7 +28,7 @@ from cliptrain.models.convert import hf, open_clip
 from cliptrain.models.convert.text_tokenizers import (HFTokenizer, load_hf_dir_tokenizer, load_tokenizer,
                                                       write_hf_tokenizer)
 from cliptrain.models.registry import TIMM_PREFIX, build_model, get_model_config, list_models
-from cliptrain.tokenizer import TOKENIZER_FILE, Tokenizer, load_clip_bpe
+from cliptrain.tokenizer import TOKENIZER_FILE, load_clip_bpe
 from cliptrain.typed import ConfigError, from_dict, to_dict
 
 __all__ = ["Preprocess", "Imported", "import_pretrained", "resolve_architecture", "export_open_clip", "export_hf",

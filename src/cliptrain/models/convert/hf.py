@@ -125,8 +125,9 @@ def siglip_differences(cfg: CLIPConfig, projection_is_identity: bool = False) ->
               (not v.class_token, "vision.class_token true (SigLIP has no class token)"),
               (not v.ln_pre, "vision.ln_pre true (SigLIP has no norm before the blocks)"),
               (v.pool == "map", f"vision.pool {v.pool} (SigLIP pools with a MAP head)"),
-              (not v.proj or projection_is_identity, "vision.proj true with trained weights (SigLIP does not "
-                                                       "project image features; train with --model.arch.vision.proj false)"),
+              (not v.proj or projection_is_identity,
+               "vision.proj true with trained weights (SigLIP does not project image features; train with "
+               "--model.arch.vision.proj false)"),
               (not t.causal, "text.causal true (SigLIP's text tower is bidirectional)"),
               (t.pool == "last", f"text.pool {t.pool} (SigLIP pools the last position)"),
               (t.proj_bias, "text.proj_bias false (SigLIP's text head has a bias)"),
