@@ -1,4 +1,6 @@
 """Starting from pretrained weights, the inference API and the export / embed commands."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,123 @@ def test_export_to_hugging_face_refuses_a_learned_tokenizer_with_the_fix(trained
     assert main(["export", "--checkpoint", str(last), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert "eos_token_id is 2" in err and "--tokenizer.path bpe_simple_vocab_16e6.txt.gz" in err
+
+
+def write_tiny_siglip(directory):
+    """A random tiny Hugging Face SiglipModel directory with a SentencePiece tokenizer trained here, on
+    generated sentences (accented words included), so nothing is fetched."""
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (optional, test extra)")
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece not installed (optional, test extra)")
+    import io
+    import random
+    rng = random.Random(0)
+    words = ("a photo of the cat dog red blue green big small circle square café crème brûlée naïve résumé "
+             "ångström jerry tom bold quotes numbers 1234 running jumping").split()
+    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(300)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=60,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2)
+    directory.mkdir(parents=True)
+    (directory / "spiece.model").write_bytes(model.getvalue())
+    tokenizer = transformers.SiglipTokenizer(str(directory / "spiece.model"), model_max_length=16)
+    torch.manual_seed(0)
+    config = transformers.SiglipConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8))
+    transformers.SiglipModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def test_siglip_fine_tunes_checkpoints_resumes_and_loads_without_its_directory(tmp_path):
+    import shutil
+    from test_convert import TRICKY
+    source = tmp_path / "siglip"
+    theirs = write_tiny_siglip(source)
+    model = {"name": "tiny-siglip", "arch": {}, "pretrained": str(source)}
+    train = {"steps": 2, "save_every": 1, "name": "sig", "tensorboard": False, "batch_size": 16}
+    quick = {"data": {"train_samples": 64, "val_samples": 16},
+             "eval": {"zeroshot": False, "retrieval": False, "val_loss": False}}
+    trainer = build_trainer(micro_config(tmp_path, model=model, train=train, **quick))
+    trainer.fit()
+    steps = ckpt.list_checkpoints(tmp_path / "sig")
+    assert [p.name for p in steps] == ["step_0000001", "step_0000002"]
+    assert (steps[0] / "transformers_tokenizer" / "spiece.model").is_file()
+    final = import_pretrained(steps[-1]).state_dict
+    shutil.rmtree(source)                                   # the checkpoint alone must suffice
+
+    resumed = build_trainer(micro_config(tmp_path, model=model, train={**train, "resume": str(steps[0])}, **quick))
+    resumed.fit()
+    again = ckpt.unwrap(resumed.model).state_dict()
+    assert all(torch.equal(again[k], final[k]) for k in final)   # resuming is exact
+
+    loaded, _, tokenizer = cliptrain.load(steps[-1])
+    expected = theirs(TRICKY, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(tokenizer(TRICKY), expected)
+    assert torch.equal(resumed.tokenizer(TRICKY), expected)
+    assert loaded.model.logit_bias is not None
+    assert main(["export", "--checkpoint", str(steps[-1]), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "siglip"
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_text(TRICKY[:3]), loaded.encode_text(expected[:3]))
+
+
+def test_siglip_exports_to_a_hugging_face_siglip_directory_with_identical_embeddings(tmp_path):
+    import transformers
+    from test_convert import TRICKY
+    from cliptrain.models.convert import export_hf
+    theirs_tok = write_tiny_siglip(tmp_path / "siglip")
+    imported = import_pretrained(tmp_path / "siglip")
+    ours = imported.model()
+    with torch.no_grad():                    # as if fine-tuned: every weight moved, scale and bias ours
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        ours.logit_scale.fill_(2.5)
+        ours.logit_bias.fill_(-3.0)
+    out = export_hf(ours, imported.tokenizer, imported.preprocess, tmp_path / "export")
+    back = transformers.SiglipModel.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok(TRICKY, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, theirs_tok(TRICKY, padding="max_length", max_length=16, truncation=True,
+                                       return_tensors="pt").input_ids)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        image = back.get_image_features(pixel_values=images)
+        text = back.get_text_features(input_ids=ids)
+        image, text = (getattr(x, "pooler_output", x) for x in (image, text))
+        assert (image - ours.encode_image(images, normalize=False)).abs().max() <= 1e-5
+        assert (text - ours.encode_text(ids, normalize=False)).abs().max() <= 1e-5
+    assert (back.logit_scale.item(), back.logit_bias.item()) == (2.5, -3.0)
+    assert transformers.AutoImageProcessor.from_pretrained(out).size == {"height": 32, "width": 32}
+    again = import_pretrained(out)                                      # and back: the same model
+    assert all(torch.equal(again.state_dict[k], v) for k, v in ours.state_dict().items())
+    assert main(["export", "--checkpoint", str(out), "--format", "hf", "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "spiece.model").is_file()
+
+
+def test_hf_export_refuses_what_a_siglip_model_cannot_represent_naming_it(tmp_path):
+    from cliptrain.models import create_model
+    from cliptrain.models.convert import Preprocess, export_hf
+    small = {"embed_dim": 32, "vision": {"width": 32, "layers": 1, "heads": 2, "image_size": 32, "patch_size": 8},
+             "text": {"width": 32, "layers": 1, "heads": 2, "vocab_size": 64, "context_length": 8}}
+    siglip = {"vision": {**small["vision"], "patch_bias": True, "class_token": False, "ln_pre": False,
+                         "pool": "map"},
+              "text": {**small["text"], "causal": False, "pool": "last", "proj_bias": True}}
+    with pytest.raises(ValueError) as info:   # SigLIP's switches, but an image projection
+        export_hf(create_model("tiny-siglip", **{**small, **siglip}), None, Preprocess(32), tmp_path / "a")
+    assert str(info.value) == (
+        "this model cannot be exported as a Hugging Face SiglipModel; it differs in: vision.proj true with "
+        "trained weights (SigLIP does not project image features; train with --model.arch.vision.proj false)")
+    with pytest.raises(ValueError) as info:   # tiny-siglip: the tiny CLIP with a logit bias (sigmoid loss)
+        export_hf(create_model("tiny-siglip", **small), None, Preprocess(32), tmp_path / "b")
+    assert str(info.value) == (
+        "this model cannot be exported as a Hugging Face SiglipModel; it differs in: vision.patch_bias false "
+        "(SigLIP's patch embedding has a bias); vision.class_token true (SigLIP has no class token); vision.ln_pre "
+        "true (SigLIP has no norm before the blocks); vision.pool cls (SigLIP pools with a MAP head); vision.proj "
+        "true with trained weights (SigLIP does not project image features; train with --model.arch.vision.proj "
+        "false); text.causal true (SigLIP's text tower is bidirectional); text.pool eot (SigLIP pools the last "
+        "position); text.proj_bias false (SigLIP's text head has a bias)")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

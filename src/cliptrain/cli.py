@@ -27,7 +27,8 @@ commands:
         learn a byte-level BPE from captions (one per line, or a .csv/.tsv/.jsonl table's caption column)
   models                                   list the built-in model architectures
   export --checkpoint PATH --format open_clip|hf --out DIR
-        write a checkpoint (or any importable weights) as an open_clip or Hugging Face CLIPModel directory
+        write a checkpoint (or any importable weights) as an open_clip directory, or a Hugging Face
+        CLIPModel (SiglipModel for SigLIP-style models) directory
   embed --checkpoint PATH (--images TABLE_OR_FOLDER | --texts FILE) --out FILE.npy|FILE.parquet
         image or text embeddings of a checkpoint, open_clip / OpenAI file or Hugging Face directory
 """
@@ -325,7 +326,8 @@ def cmd_export(argv: list[str]) -> int:
     """`cliptrain export`."""
     parser = argparse.ArgumentParser(prog="cliptrain export", description=(
         "Write a model as an open_clip directory (open_clip_config.json, NAME.json, open_clip_model.safetensors) "
-        "or a Hugging Face CLIPModel directory (config.json, model.safetensors, tokenizer files)."))
+        "or a Hugging Face directory (config.json, model.safetensors, tokenizer and preprocessor files): a "
+        "SiglipModel for SigLIP-style models (MAP head, logit bias), else a CLIPModel."))
     _weights_args(parser)
     parser.add_argument("--format", required=True, choices=["open_clip", "hf"])
     parser.add_argument("--out", required=True, help="output directory")

@@ -21,18 +21,28 @@ from cliptrain.models.vision import VisionTransformer
 
 
 class PooledVisionTransformer(VisionTransformer):
-    """A ViT whose outputs are pooled by attention: one query for the contrastive embedding, N for the decoder."""
+    """A ViT whose outputs are pooled by attention: one query for the contrastive embedding, N for the decoder.
+
+    With `multimodal.single_pooler` (open_clip's CoCa), one pooler at the decoder width with N + 1 queries
+    reads the un-normed ViT tokens, the final norm (at the decoder width) follows it, and query 0 is the
+    contrastive one."""
 
     def __init__(self, cfg: VisionConfig, embed_dim: int, activation: str, mm: MultimodalConfig, decoder_width: int,
                  norm_eps: float = 1e-5):
         super().__init__(cfg, embed_dim, activation, norm_eps)
-        self.contrastive_pool = AttentionalPooler(cfg.width, cfg.width, mm.pool_heads, 1)
-        self.caption_pool = AttentionalPooler(decoder_width, cfg.width, mm.pool_heads, mm.image_tokens)
+        self.single = mm.single_pooler
+        if self.single:
+            self.pool = AttentionalPooler(decoder_width, cfg.width, mm.pool_heads, mm.image_tokens + 1)
+            self.ln_post = nn.LayerNorm(decoder_width, eps=norm_eps)
+            self.proj = nn.Parameter(torch.randn(decoder_width, embed_dim) * decoder_width ** -0.5)
+        else:
+            self.contrastive_pool = AttentionalPooler(cfg.width, cfg.width, mm.pool_heads, 1)
+            self.caption_pool = AttentionalPooler(decoder_width, cfg.width, mm.pool_heads, mm.image_tokens)
 
     @property
     def poolers(self) -> tuple[nn.Module, ...]:
         """The poolers: part of the tower's head (left trainable with its unlocked blocks, see lock_image_tower)."""
-        return self.contrastive_pool, self.caption_pool
+        return (self.pool,) if self.single else (self.contrastive_pool, self.caption_pool)
 
     def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
         """As the ViT's lock, with the poolers part of the head left trainable with the unlocked blocks."""
@@ -41,6 +51,10 @@ class PooledVisionTransformer(VisionTransformer):
     def forward(self, images: torch.Tensor, return_tokens: bool = False):
         """[B, 3, H, W] -> [B, embed_dim] unnormalised features; with `return_tokens`, (features, the
         [B, image_tokens, decoder width] tokens the decoder attends to)."""
+        if self.single:
+            pooled = self.ln_post(self.pool(self._blocks(images)))
+            features = pooled[:, 0] @ self.proj
+            return (features, pooled[:, 1:]) if return_tokens else features
         x = self.forward_tokens(images)
         features = self.contrastive_pool(x)[:, 0] @ self.proj
         return (features, self.caption_pool(x)) if return_tokens else features

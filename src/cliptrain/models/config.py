@@ -30,6 +30,8 @@ class VisionConfig:
     class_token: bool = True             # a learned class token in front of the patches (SigLIP: none)
     ln_pre: bool = True                  # a LayerNorm before the blocks (CLIP; SigLIP has none)
     pool: Literal["cls", "map"] = "cls"  # features from the class token, or a MAP head (attention pooling, SigLIP)
+    proj: bool = True                    # project the pooled features to embed_dim; false (Hugging Face SigLIP): none,
+                                         # the width is the embedding size
 
     def __post_init__(self):
         if not 0 <= self.patch_dropout < 1:
@@ -73,11 +75,16 @@ class TextConfig:
     causal: bool = True                  # causal attention mask (CLIP); SigLIP's text tower is bidirectional
     pool: Literal["eot", "last"] = "eot"  # pool at the first end-of-text token, or at the last position (SigLIP)
     proj_bias: bool = False              # a bias after the text projection (SigLIP)
+    # open_clip CoCa's text tower (embed_cls): a learned CLS token after the context_length tokens, padding
+    # masked as open_clip masks it; features from the CLS output, the decoder reads the un-normed text outputs
+    cls_token: bool = False
 
     def __post_init__(self):
         if self.context_length < 2:
             raise ConfigError(f"text.context_length must be >= 2, got {self.context_length}")
         if self.is_hf:
+            if self.cls_token:
+                raise ConfigError("text.cls_token needs cliptrain's own text tower; unset text.hf_model")
             return
         if self.width % self.heads:
             raise ConfigError(f"text.width ({self.width}) must be divisible by text.heads ({self.heads})")
@@ -98,6 +105,9 @@ class MultimodalConfig:
     mlp_ratio: float = 4.0
     image_tokens: int = 256              # queries of the captioning pooler (the decoder's image tokens)
     pool_heads: int = 8                  # heads of both attentional poolers
+    # open_clip's CoCa pooling: one pooler (decoder width, image_tokens + 1 queries) over the ViT's un-normed
+    # tokens, then the final norm; query 0 is the contrastive embedding, the rest the decoder's image tokens
+    single_pooler: bool = False
 
     def __post_init__(self):
         if min(self.layers, self.heads, self.image_tokens, self.pool_heads) < 1:
@@ -119,9 +129,14 @@ class CLIPConfig:
     multimodal: MultimodalConfig | None = None  # set: a CoCa with a captioning decoder (models/coca.py)
 
     def __post_init__(self):
+        if not self.vision.proj and not self.vision.timm_model and self.vision.width != self.embed_dim:
+            raise ConfigError(f"vision.proj false needs vision.width ({self.vision.width}) to equal embed_dim "
+                              f"({self.embed_dim})")
         m = self.multimodal
         if m is None:
             return
+        if not self.vision.proj:
+            raise ConfigError("a CoCa (multimodal section) needs vision.proj true")
         for name, width, key, heads in (("text.width", self.text.width, "heads", m.heads),
                                         ("text.width", self.text.width, "pool_heads", m.pool_heads),
                                         ("vision.width", self.vision.width, "pool_heads", m.pool_heads)):

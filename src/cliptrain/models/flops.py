@@ -28,7 +28,7 @@ def forward_flops(cfg: CLIPConfig, pooled_last_block: bool = True) -> float:
     tokens = patches + int(v.class_token)
     flops = _tower_flops(v.width, v.layers, tokens, v.mlp_ratio, pooled_last_block and v.pool == "cls" and not coca)
     flops += 2 * patches * 3 * v.patch_size ** 2 * v.width          # patch embedding
-    flops += _tower_flops(t.width, t.layers, t.context_length, t.mlp_ratio, pooled_last_block and not coca)
+    flops += _tower_flops(t.width, t.layers, t.context_length + int(t.cls_token), t.mlp_ratio, pooled_last_block and not coca)
     flops += 2 * (v.width + t.width) * cfg.embed_dim                # projections
     if coca:
         flops += _coca_flops(cfg, tokens)

@@ -38,21 +38,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: boolean [B, 1, N, N], True where a query may attend to a key (the causal mask included)."""
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        return self.out(_sdpa(q, k, v, is_causal=is_causal).transpose(1, 2).reshape(b, n, w))
+        return self.out(_sdpa(q, k, v, is_causal, mask).transpose(1, 2).reshape(b, n, w))
 
-    def forward_one(self, x: torch.Tensor, index: PoolIndex, is_causal: bool = False) -> torch.Tensor:
+    def forward_one(self, x: torch.Tensor, index: PoolIndex, is_causal: bool = False,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
         """The output at one position per row, [B, 1, width]: its query against the keys and values of every
-        position (causal: of the positions up to it). `index` is one position for all rows or a [B] tensor.
-        Equal to `forward(x)[rows, index]` at a third of the QKV and output-projection cost."""
+        position (causal: of the positions up to it; `mask`: those its row of the mask allows). `index` is one
+        position for all rows or a [B] tensor. Equal to `forward(x)[rows, index]` at a third of the QKV and
+        output-projection cost."""
         b, n, w = x.shape
         h = self.heads
         q = F.linear(pick(x, index), self.qkv.weight[:w], self.qkv.bias[:w]).view(b, 1, h, w // h).transpose(1, 2)
         k, v = F.linear(x, self.qkv.weight[w:], self.qkv.bias[w:]).view(b, n, 2, h, w // h).permute(2, 0, 3, 1, 4)
-        mask = None
-        if is_causal:
+        if mask is not None:
+            mask = pick(mask.squeeze(1), index).unsqueeze(1)                     # [B, 1, 1, N]: the query's row
+        elif is_causal:
             if isinstance(index, int):
                 if index not in (-1, n - 1):
                     raise ValueError(f"a causal query at the fixed position {index} of {n} is not supported")
@@ -74,6 +78,8 @@ def pick(x: torch.Tensor, index: PoolIndex) -> torch.Tensor:
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
           mask: torch.Tensor | None = None) -> torch.Tensor:
+    if mask is not None:
+        is_causal = False  # the mask already holds it
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # On CPU the fused bf16 kernel's backward is several times slower than the matmul-based one.
         with sdpa_kernel(SDPBackend.MATH):
@@ -168,12 +174,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
         self.mlp = MLP(width, mlp_hidden(width, mlp_ratio), activation)
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False, index: PoolIndex | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_causal: bool = False, mask: torch.Tensor | None = None,
+                index: PoolIndex | None = None) -> torch.Tensor:
         """[B, N, W] -> [B, N, W]; with `index`, only that position's output, [B, 1, W] (see `Attention.forward_one`)."""
         if index is None:
-            x = x + self.attn(self.ln_1(x), is_causal=is_causal)
+            x = x + self.attn(self.ln_1(x), is_causal=is_causal, mask=mask)
         else:
-            x = pick(x, index) + self.attn.forward_one(self.ln_1(x), index, is_causal)
+            x = pick(x, index) + self.attn.forward_one(self.ln_1(x), index, is_causal, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -187,17 +194,19 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, activation, norm_eps) for _ in range(layers))
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False, index: PoolIndex | None = None) -> torch.Tensor:
-        """[B, N, W] -> [B, N, W]; with `index` (the position a tower pools), [B, W]: the last block computes
-        that position alone, since no other output of it is used (exact, and a layer's worth of work less)."""
+    def forward(self, x: torch.Tensor, is_causal: bool = False, mask: torch.Tensor | None = None,
+                index: PoolIndex | None = None) -> torch.Tensor:
+        """[B, N, W] -> [B, N, W]; `mask`: see `Attention.forward`, it replaces `is_causal` when given. With
+        `index` (the position a tower pools), [B, W]: the last block computes that position alone, since no
+        other output of it is used (exact, and a layer's worth of work less)."""
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             at = index if i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Activations of the block are recomputed in backward instead of being stored.
-                x = checkpoint(block, x, is_causal, at, use_reentrant=False)
+                x = checkpoint(block, x, is_causal, mask, at, use_reentrant=False)
             else:
-                x = block(x, is_causal=is_causal, index=at)
+                x = block(x, is_causal=is_causal, mask=mask, index=at)
         if index is None:
             return x
         return x[:, 0] if self.blocks else pick(x, index)[:, 0]

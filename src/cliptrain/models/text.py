@@ -24,13 +24,16 @@ def text_tower(cfg: TextConfig, embed_dim: int, activation: str, pretrained: boo
 class TextTransformer(nn.Module):
     """Token + position embeddings, causal blocks, final norm, projection at the first end-of-text token.
 
-    SigLIP's variant (config switches): bidirectional blocks, pooled at the last position, biased projection."""
+    SigLIP's variant (config switches): bidirectional blocks, pooled at the last position, biased projection.
+    open_clip CoCa's variant (`cls_token`): a learned CLS token after the text, padding masked; the features
+    are the normed, projected CLS output and the token outputs (for a decoder) are not normed."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int, activation: str, norm_eps: float = 1e-5):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.cls_embedding = nn.Parameter(torch.empty(cfg.width)) if cfg.cls_token else None
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length + int(cfg.cls_token), cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, norm_eps)
         self.ln_final = nn.LayerNorm(cfg.width, eps=norm_eps)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
@@ -41,6 +44,8 @@ class TextTransformer(nn.Module):
         """CLIP initialisation."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.cls_embedding is not None:
+            nn.init.normal_(self.cls_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=self.cfg.width ** -0.5)
         self.transformer.init_weights()
 
@@ -51,21 +56,39 @@ class TextTransformer(nn.Module):
         return torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), last)
 
     def _blocks(self, texts: torch.Tensor, index: PoolIndex | None = None) -> torch.Tensor:
-        """[B, L] token ids -> [B, L, width] outputs of the last block; with `index`, its output at that position
-        alone, [B, width]."""
+        """[B, L] token ids -> [B, L (+1 with the CLS token), width] outputs of the last block; with `index`, its
+        output at that position alone, [B, width]."""
         length = texts.shape[1]
         if length > self.cfg.context_length:
             raise ValueError(f"texts have {length} tokens but the model's context length is {self.cfg.context_length}")
-        x = self.token_embedding(texts) + self.positional_embedding[:length]
-        return self.transformer(x, is_causal=self.cfg.causal, index=index)
+        x = self.token_embedding(texts)
+        if self.cls_embedding is None:
+            return self.transformer(x + self.positional_embedding[:length], is_causal=self.cfg.causal, index=index)
+        x = torch.cat([x, self.cls_embedding.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+        x = x + self.positional_embedding[:length + 1]
+        return self.transformer(x, mask=self._cls_mask(texts), index=index)
+
+    def _cls_mask(self, texts: torch.Tensor) -> torch.Tensor:
+        """[B, 1, L+1, L+1] attention mask of the CLS variant, open_clip's (correct_cls_mask false): the key
+        at position j is hidden when token j-1 is padding (the padding flags shifted one place right, so the
+        CLS key is hidden after padded text and the first padding key is not); causal unless `causal` false."""
+        n = texts.shape[1] + 1
+        keep = torch.cat([torch.ones_like(texts[:, :1], dtype=torch.bool), texts != self.cfg.pad_token_id], dim=1)
+        mask = keep[:, None, None, :]
+        if self.cfg.causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=texts.device).tril()
+        return mask
 
     def forward_tokens(self, texts: torch.Tensor) -> torch.Tensor:
-        """[B, L] token ids -> [B, L, width] final-norm outputs of every position (causal: each sees its prefix)."""
-        return self.ln_final(self._blocks(texts))
+        """[B, L] token ids -> [B, L, width] outputs of every position (causal: each sees its prefix): final-norm
+        ones, or with the CLS token the blocks' un-normed ones (as open_clip's CoCa feeds its decoder)."""
+        x = self._blocks(texts)
+        return x[:, :-1] if self.cls_embedding is not None else self.ln_final(x)
 
     def pool_index(self, texts: torch.Tensor) -> PoolIndex:
-        """The position the features come from: each row's first end-of-text token, or the last (`pool: last`)."""
-        return -1 if self.cfg.pool == "last" else self.eot_positions(texts)
+        """The position the features come from: each row's first end-of-text token, or the last (`pool: last`,
+        and the CLS token, which comes last)."""
+        return -1 if self.cfg.pool == "last" or self.cls_embedding is not None else self.eot_positions(texts)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, width] pooled outputs -> [B, embed_dim] unnormalised features."""
@@ -80,6 +103,9 @@ class TextTransformer(nn.Module):
     def forward(self, texts: torch.Tensor, return_tokens: bool = False):
         """[B, L] token ids -> [B, embed_dim] unnormalised features; with `return_tokens`, (features, the
         [B, L, width] outputs of every position) (one call, so FSDP gathers the tower's weights once)."""
+        if return_tokens and self.cls_embedding is not None:
+            x = self._blocks(texts)
+            return self.project(self.ln_final(x[:, -1])), x[:, :-1]
         if return_tokens:
             tokens = self.forward_tokens(texts)
             return self.pool(tokens, texts), tokens
@@ -97,7 +123,7 @@ class TextTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (within the tower) excluded from weight decay besides biases and norms."""
-        return {"positional_embedding"}
+        return {"positional_embedding"} | ({"cls_embedding"} if self.cls_embedding is not None else set())
 
     def block_modules(self) -> list[nn.Module]:
         """The repeated blocks (units of FSDP sharding)."""

@@ -36,7 +36,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, norm_eps)
         self.ln_post = nn.LayerNorm(w, eps=norm_eps)
         self.map_head = MAPHead(w, cfg.heads, cfg.mlp_ratio, activation, norm_eps) if cfg.pool == "map" else None
-        self.proj = nn.Parameter(torch.empty(w, embed_dim))
+        self.proj = nn.Parameter(torch.empty(w, embed_dim)) if cfg.proj else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -45,7 +45,8 @@ class VisionTransformer(nn.Module):
         if self.class_embedding is not None:
             nn.init.normal_(self.class_embedding, std=w ** -0.5)
         nn.init.normal_(self.positional_embedding, std=w ** -0.5)
-        nn.init.normal_(self.proj, std=w ** -0.5)
+        if self.proj is not None:
+            nn.init.normal_(self.proj, std=w ** -0.5)
         self.transformer.init_weights()
 
     def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +77,10 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images -> [B, embed_dim] unnormalised features."""
         if self.map_head is not None:
-            return self.map_head(self.ln_post(self._blocks(images))) @ self.proj
-        return self.ln_post(self._blocks(images, index=0)) @ self.proj
+            pooled = self.map_head(self.ln_post(self._blocks(images)))
+        else:
+            pooled = self.ln_post(self._blocks(images, index=0))
+        return pooled @ self.proj if self.proj is not None else pooled
 
     def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze the tower (LiT), leaving its last `unlocked_layers` blocks, final norm and projection trainable

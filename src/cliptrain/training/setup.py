@@ -20,7 +20,7 @@ from cliptrain.models import CLIP, build_model, create_model
 from cliptrain.models.config import CLIPConfig
 from cliptrain.hf_tokenizer import load_hf_tokenizer
 from cliptrain.models.convert import Imported, architecture_for_name, import_pretrained, resolve_architecture
-from cliptrain.models.convert.text_tokenizers import HFTokenizer
+from cliptrain.models.convert.text_tokenizers import load_tokenizer
 from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import check_output_dir, checkpoint_size
@@ -57,7 +57,7 @@ def build_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]], model_cfg
     elif path.endswith((".txt", ".txt.gz")):
         tok = load_clip_bpe(path, context_length=text.context_length)
     else:
-        tok = Tokenizer.load(path)
+        tok = load_tokenizer(path)
     check_tokenizer(tok, path, text)
     return tok
 
@@ -157,9 +157,6 @@ def from_pretrained(cfg: RunConfig, say: Callable[[str], None] = print
         raise ConfigError(f"the pretrained weights {cfg.model.pretrained} come without a tokenizer; pass "
                           "--tokenizer.path with OpenAI CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) or a "
                           "tokenizer.json")
-    if isinstance(tok, HFTokenizer):
-        raise ConfigError(f"{cfg.model.pretrained} has a SentencePiece tokenizer (SigLIP), which cliptrain "
-                          "checkpoints cannot store; such models load for inference (cliptrain.load) only")
     check_tokenizer(tok, cfg.model.pretrained, model_cfg.text)
     if model_cfg.text.pool == "eot" and tok.eot_id != model_cfg.text.eot_token_id:
         raise ConfigError(f"the tokenizer's end-of-text id {tok.eot_id} differs from the one the pretrained text "
@@ -172,6 +169,15 @@ def from_pretrained(cfg: RunConfig, say: Callable[[str], None] = print
             f"{aug.interpolation}, resize {aug.resize_mode}")
     say(f"starting from {imported.source} weights {cfg.model.pretrained}")
     return dataclasses.replace(cfg, augment=aug), model_cfg, tok, imported
+
+
+def _pretrained_preprocessing(cfg: RunConfig, resume: Path) -> RunConfig:
+    """Resuming a fine-tune: `cfg` with the preprocessing the run took from its pretrained weights (see
+    from_pretrained), read from the checkpoint's config rather than imported again."""
+    saved = yaml.safe_load((resume / "config.yaml").read_text()).get("augment", {})
+    values = {k: tuple(saved[k]) if isinstance(saved[k], list) else saved[k]
+              for k in ("mean", "std", "interpolation", "resize_mode") if k in saved}
+    return dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, **values))
 
 
 def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
@@ -195,11 +201,13 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         cfg, model_cfg, tokenizer, imported = from_pretrained(cfg, print if world.is_main else lambda _: None)
     else:
         model_cfg = _model_config(cfg, resume)
+        if cfg.model.pretrained and resume is not None:
+            cfg = _pretrained_preprocessing(cfg, resume)
     size = model_cfg.vision.image_size
     train_src, val_src, zs = build_sources(cfg, size, log=print if world.is_main else (lambda _: None))
     teacher = load_teacher(cfg.distill.teacher, model_cfg) if cfg.distill.teacher else None
     if resume is not None:
-        tokenizer = Tokenizer.load(resume / "tokenizer.json")
+        tokenizer = load_tokenizer(resume / "tokenizer.json")
     elif imported is not None:
         pass                                                  # the pretrained model's own tokenizer
     elif teacher is not None and cfg.tokenizer.path is None:  # the student reads the teacher's tokens
@@ -263,4 +271,4 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     model = build_model(from_dict(CLIPConfig, data["model"]["arch"]), pretrained=False)
     ckpt.load_model_weights(model, path)
     cfg = from_dict(RunConfig, data)
-    return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json"), cfg
+    return model.to(device).eval(), load_tokenizer(path / "tokenizer.json"), cfg

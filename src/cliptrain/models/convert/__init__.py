@@ -8,9 +8,8 @@ Import (:func:`import_pretrained`) reads any of
   * a Hugging Face hub id (``org/name`` or ``hf-hub:org/name``), downloaded with huggingface_hub;
 and returns the architecture, our state dict, the tokenizer and the preprocessing, so the cliptrain
 model gives the same outputs as the original. Export writes open_clip and Hugging Face directories.
-
-COCA_HOOK: open_clip CoCa configs (``multimodal_cfg``) are refused in `config_from_open_clip` until the
-CoCa model (branch ``coca``) lands; its import belongs in ``convert/open_clip.py`` next to the CLIP one.
+open_clip CoCa models (coca_ViT-B-32, coca_ViT-L-14) import as cliptrain CoCa models with open_clip's
+layout switches (`text.cls_token`, `multimodal.single_pooler`); CoCa models do not export.
 """
 from __future__ import annotations
 
@@ -26,9 +25,10 @@ from cliptrain.constants import OPENAI_MEAN, OPENAI_STD
 from cliptrain.models.clip import CLIP
 from cliptrain.models.config import CLIPConfig
 from cliptrain.models.convert import hf, open_clip
-from cliptrain.models.convert.text_tokenizers import load_hf_dir_tokenizer, write_hf_tokenizer
-from cliptrain.models.registry import TIMM_PREFIX, get_model_config, list_models
-from cliptrain.tokenizer import TOKENIZER_FILE, Tokenizer, load_clip_bpe
+from cliptrain.models.convert.text_tokenizers import (HFTokenizer, load_hf_dir_tokenizer, load_tokenizer,
+                                                      write_hf_tokenizer)
+from cliptrain.models.registry import TIMM_PREFIX, build_model, get_model_config, list_models
+from cliptrain.tokenizer import TOKENIZER_FILE, load_clip_bpe
 from cliptrain.typed import ConfigError, from_dict, to_dict
 
 __all__ = ["Preprocess", "Imported", "import_pretrained", "resolve_architecture", "export_open_clip", "export_hf",
@@ -59,7 +59,7 @@ class Imported:
 
     def model(self, config: CLIPConfig | None = None) -> CLIP:
         """The cliptrain model with the imported weights, in eval mode (strict: every weight must fit)."""
-        return self.load_into(CLIP(config or self.config)).eval()
+        return self.load_into(build_model(config or self.config, pretrained=False)).eval()
 
     def load_into(self, model: CLIP) -> CLIP:
         """Copy the imported weights into `model`; a clear error names the weights that do not fit."""
@@ -126,7 +126,7 @@ def import_pretrained(spec: str | Path, name: str | None = None, tokenizer_path:
 def _tokenizer_file(path: Path, context_length: int):
     if path.name.endswith((".txt", ".txt.gz")):
         return load_clip_bpe(path, context_length=context_length)
-    return Tokenizer.load(path)
+    return load_tokenizer(path)
 
 
 def _from_cliptrain(path: Path) -> Imported:
@@ -144,7 +144,7 @@ def _from_cliptrain(path: Path) -> Imported:
     a = data.get("augment", {})
     pre = Preprocess(cfg.vision.image_size, tuple(a.get("mean", OPENAI_MEAN)), tuple(a.get("std", OPENAI_STD)),
                      a.get("interpolation", "bicubic"), a.get("resize_mode", "shortest"))
-    tok = Tokenizer.load(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
+    tok = load_tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
     return Imported(cfg, load_file(str(weights)), tok, pre, "cliptrain checkpoint")
 
 
@@ -177,7 +177,7 @@ def _from_file(path: Path, name: str | None) -> Imported:
 
 def _sibling_tokenizer(folder: Path, context_length: int):
     if (folder / TOKENIZER_FILE).is_file():
-        return Tokenizer.load(folder / TOKENIZER_FILE)
+        return load_tokenizer(folder / TOKENIZER_FILE)
     for name in MERGES_FILES:
         if (folder / name).is_file():
             return load_clip_bpe(folder / name, context_length=context_length)
@@ -270,21 +270,34 @@ def export_open_clip(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: s
 
 
 def export_hf(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: str | Path) -> Path:
-    """Write a Hugging Face CLIPModel directory: config.json, model.safetensors, preprocessor_config.json and
-    (for the CLIP BPE) vocab.json / merges.txt / tokenizer_config.json."""
+    """Write a Hugging Face directory: a SiglipModel for SigLIP-style models (MAP head, last-token text pooling
+    or a logit bias; anything else SigLIP lacks is refused, naming it), else a CLIPModel. config.json,
+    model.safetensors, preprocessor_config.json and the tokenizer's files: SentencePiece (SigLIP) as its
+    transformers files, the CLIP BPE as vocab.json / merges.txt, any other as cliptrain_tokenizer.json."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    config = hf.config_to_hf_clip(model.cfg, tokenizer)
+    sd = model.state_dict()
+    if hf.is_siglip_style(model.cfg):
+        proj = sd.get("visual.proj")
+        identity = proj is not None and proj.shape[0] == proj.shape[1] and torch.equal(proj, torch.eye(len(proj)))
+        differs = hf.siglip_differences(model.cfg, identity)
+        if differs:
+            raise ValueError(f"this model cannot be exported as a Hugging Face SiglipModel; it differs in: "
+                             f"{'; '.join(differs)}")
+        config, weights = hf.config_to_hf_siglip(model.cfg, tokenizer), hf.state_dict_to_hf_siglip(sd)
+    else:
+        config, weights = hf.config_to_hf_clip(model.cfg, tokenizer), hf.state_dict_to_hf_clip(sd)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    sd = hf.state_dict_to_hf_clip(model.state_dict())
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, str(out / "model.safetensors"),
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     p = preprocess
     (out / "preprocessor_config.json").write_text(json.dumps(
         hf.preprocess_to_hf(p.image_size, p.mean, p.std, p.interpolation, p.resize_mode), indent=1))
-    if tokenizer is not None and getattr(tokenizer, "is_clip_bpe", False):
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.backend.save_pretrained(str(out))
+    elif tokenizer is not None and getattr(tokenizer, "is_clip_bpe", False):
         write_hf_tokenizer(tokenizer, out)
     elif tokenizer is not None:
         tokenizer.save(out / "cliptrain_tokenizer.json")

@@ -61,7 +61,8 @@ def config_from_hf(config: dict, source: str = "config.json") -> CLIPConfig:
     vision = VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32), width=vw,
                           layers=v.get("num_hidden_layers", 12), heads=v.get("num_attention_heads", 12),
                           mlp_ratio=v.get("intermediate_size", 4 * vw) / vw, patch_bias=siglip,
-                          class_token=not siglip, ln_pre=not siglip, pool="map" if siglip else "cls")
+                          class_token=not siglip, ln_pre=not siglip, pool="map" if siglip else "cls",
+                          proj=not siglip)
     text = TextConfig(vocab_size=vocab, context_length=t.get("max_position_embeddings", 77 if not siglip else 64),
                       width=tw, layers=t.get("num_hidden_layers", 12), heads=t.get("num_attention_heads", 8),
                       mlp_ratio=t.get("intermediate_size", 4 * tw) / tw, pad_token_id=t.get("pad_token_id", 1),
@@ -80,15 +81,17 @@ def config_from_hf(config: dict, source: str = "config.json") -> CLIPConfig:
 def config_to_hf_clip(cfg: CLIPConfig, tokenizer=None) -> dict:
     """config.json of a Hugging Face CLIPModel equal to `cfg` (a CLIP-style model)."""
     v, t = cfg.vision, cfg.text
-    if not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre or not t.causal or t.pool != "eot" \
-            or t.proj_bias:
+    if cfg.multimodal is not None or t.cls_token:
+        raise ValueError("CoCa models do not export to Hugging Face (transformers has no CoCa model)")
+    if not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre or not v.proj or not t.causal \
+            or t.pool != "eot" or t.proj_bias:
         raise ValueError("only CLIP-style models export to a Hugging Face CLIPModel; this one has SigLIP features")
     if t.eot_token_id == 2:
         raise ValueError("transformers' CLIPModel pools text at argmax(input_ids) when eos_token_id is 2, so a "
                          "model whose end-of-text id is 2 (a tokenizer learned by cliptrain) would be read wrong; "
                          "export it with --format open_clip, or train with the CLIP BPE "
                          "(--tokenizer.path bpe_simple_vocab_16e6.txt.gz) to export to Hugging Face")
-    act = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation]
+    act = _ACT_TO_HF[cfg.activation]
     sot = tokenizer.sot_id if tokenizer is not None else t.eot_token_id - 1
     common = {"hidden_act": act, "layer_norm_eps": cfg.norm_eps, "projection_dim": cfg.embed_dim}
     return {
@@ -102,6 +105,54 @@ def config_to_hf_clip(cfg: CLIPConfig, tokenizer=None) -> dict:
                           "intermediate_size": _hidden(v.width, v.mlp_ratio), "num_hidden_layers": v.layers,
                           "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,
                           "num_channels": 3},
+    }
+
+
+_ACT_TO_HF = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def is_siglip_style(cfg: CLIPConfig) -> bool:
+    """Whether a model is closer to a SiglipModel than to a CLIPModel (the format `--format hf` writes)."""
+    return cfg.vision.pool == "map" or cfg.text.pool == "last" or cfg.init_logit_bias is not None
+
+
+def siglip_differences(cfg: CLIPConfig, projection_is_identity: bool = False) -> list[str]:
+    """What a model has that a Hugging Face SiglipModel cannot represent (empty: it exports exactly)."""
+    v, t = cfg.vision, cfg.text
+    wanted = [(cfg.multimodal is None, "a multimodal decoder (CoCa)"),
+              (not v.timm_model, "a timm image tower"), (not t.is_hf, "a Hugging Face text tower"),
+              (v.patch_bias, "vision.patch_bias false (SigLIP's patch embedding has a bias)"),
+              (not v.class_token, "vision.class_token true (SigLIP has no class token)"),
+              (not v.ln_pre, "vision.ln_pre true (SigLIP has no norm before the blocks)"),
+              (v.pool == "map", f"vision.pool {v.pool} (SigLIP pools with a MAP head)"),
+              (not v.proj or projection_is_identity,
+               "vision.proj true with trained weights (SigLIP does not project image features; train with "
+               "--model.arch.vision.proj false)"),
+              (not t.causal, "text.causal true (SigLIP's text tower is bidirectional)"),
+              (t.pool == "last", f"text.pool {t.pool} (SigLIP pools the last position)"),
+              (t.proj_bias, "text.proj_bias false (SigLIP's text head has a bias)"),
+              (not t.cls_token, "text.cls_token true"),
+              (cfg.init_logit_bias is not None, "no logit bias (SiglipModel has one; set init_logit_bias)")]
+    return [what for ok, what in wanted if not ok]
+
+
+def config_to_hf_siglip(cfg: CLIPConfig, tokenizer=None) -> dict:
+    """config.json of a Hugging Face SiglipModel equal to `cfg` (check `siglip_differences` first)."""
+    v, t = cfg.vision, cfg.text
+    common = {"hidden_act": _ACT_TO_HF[cfg.activation], "layer_norm_eps": cfg.norm_eps}
+    eos = tokenizer.eot_id if tokenizer is not None else t.eot_token_id
+    bos = getattr(tokenizer, "sot_id", None)
+    return {
+        "architectures": ["SiglipModel"], "model_type": "siglip", "torch_dtype": "float32",
+        "text_config": {**common, "model_type": "siglip_text_model", "vocab_size": t.vocab_size,
+                        "hidden_size": t.width, "intermediate_size": _hidden(t.width, t.mlp_ratio),
+                        "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
+                        "max_position_embeddings": t.context_length, "projection_size": cfg.embed_dim,
+                        "pad_token_id": t.pad_token_id, "eos_token_id": eos, "bos_token_id": bos},
+        "vision_config": {**common, "model_type": "siglip_vision_model", "hidden_size": v.width,
+                          "intermediate_size": _hidden(v.width, v.mlp_ratio), "num_hidden_layers": v.layers,
+                          "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,
+                          "num_channels": 3, "vision_use_head": True},
     }
 
 
@@ -161,7 +212,7 @@ def _rename(key: str) -> str:
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: CLIPConfig) -> dict[str, torch.Tensor]:
-    """A CLIPModel / SiglipModel state dict -> ours (SigLIP's vision output is projected by an identity)."""
+    """A CLIPModel / SiglipModel state dict -> ours (SigLIP's image features are not projected: vision.proj false)."""
     out: dict[str, torch.Tensor] = {}
     _fuse_qkv(sd, out)
     siglip = cfg.vision.pool == "map"
@@ -182,8 +233,6 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: CLIPConfig) -> dict[str
                 raise ValueError(f"unexpected weight {key!r} in a Hugging Face {'SigLIP' if siglip else 'CLIP'} "
                                  "state dict; this variant is not supported")
             out[new] = value
-    if siglip:
-        out["visual.proj"] = torch.eye(cfg.vision.width)
     return out
 
 
@@ -228,3 +277,37 @@ def state_dict_to_hf_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             continue
         out[new] = value.contiguous()
     return out
+
+
+def state_dict_to_hf_siglip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict (a SigLIP-style model, see `siglip_differences`) -> a Hugging Face SiglipModel's."""
+    out: dict[str, torch.Tensor] = {}
+    rest = {}
+    for key, value in sd.items():
+        if key.startswith("visual.map_head."):
+            out.update(_map_head_to_hf(key[len("visual.map_head."):], value, sd))
+        elif key == "text.text_projection":
+            out["text_model.head.weight"] = value.t().contiguous()
+        elif key == "text.text_projection_bias":
+            out["text_model.head.bias"] = value
+        elif key in ("logit_scale", "logit_bias"):
+            out[key] = value.reshape(1)
+        elif key != "visual.proj":              # only an identity gets here (siglip_differences)
+            rest[key] = value
+    out.update(state_dict_to_hf_clip(rest))
+    return out
+
+
+def _map_head_to_hf(rest: str, value: torch.Tensor, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One weight of our MAPHead -> SigLIP's head (its attention is a torch MultiheadAttention: q, k, v fused)."""
+    head = "vision_model.head."
+    if rest == "probe":
+        return {head + "probe": value}
+    if rest.startswith("q."):
+        kind = rest[len("q."):]
+        return {f"{head}attention.in_proj_{kind}": torch.cat([value, sd[f"visual.map_head.kv.{kind}"]], dim=0)}
+    if rest.startswith("kv."):
+        return {}                                # fused with q above
+    part, kind = rest.split(".", 1)
+    name = {"out": "attention.out_proj", "ln": "layernorm"}.get(part, part)     # mlp keeps its name
+    return {f"{head}{name}.{kind}": value}

@@ -11,12 +11,13 @@ import json
 import re
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cliptrain.models.config import CLIPConfig, TextConfig, VisionConfig
+from cliptrain.models.config import CLIPConfig, MultimodalConfig, TextConfig, VisionConfig
 
 CONFIG_FILE = "open_clip_config.json"         # open_clip's hub layout: {"model_cfg": ..., "preprocess_cfg": ...}
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"  # torch.save'd state dict (read by open_clip and by torch.load)
@@ -46,11 +47,9 @@ _UNSUPPORTED_TEXT = {"hf_model_name": None, "embed_cls": False, "ls_init_value":
 
 def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> CLIPConfig:
     """Our architecture for an open_clip model config (the JSON of `open_clip/model_configs`)."""
-    v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
     if "multimodal_cfg" in model_cfg:
-        # CoCa: converted by cliptrain.models.convert once the CoCa model (branch `coca`) lands.
-        raise NotImplementedError(f"{source} is a CoCa model; CoCa import is not available yet (see "
-                                  "cliptrain/models/convert/__init__.py, COCA_HOOK)")
+        return _coca_config(model_cfg, source)
+    v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
     bad = [f"vision_cfg.{k}={v[k]!r}" for k, ok in _UNSUPPORTED_VISION.items() if v.get(k, ok) != ok]
     bad += [f"text_cfg.{k}={t[k]!r}" for k, ok in _UNSUPPORTED_TEXT.items() if t.get(k, ok) != ok]
     if isinstance(v.get("layers"), (list, tuple)):
@@ -78,9 +77,39 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
                       activation="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", **extra)
 
 
+def _coca_config(model_cfg: dict, source: str) -> CLIPConfig:
+    """An open_clip CoCa config (coca_ViT-B-32, coca_ViT-L-14): its towers as CLIP's, with the CoCa switches
+    (`multimodal.single_pooler`, `text.cls_token`) and the decoder's shape."""
+    v, t, m = (dict(model_cfg.get(k, {})) for k in ("vision_cfg", "text_cfg", "multimodal_cfg"))
+    pool, queries, pool_heads = (v.pop("attentional_pool", False), v.pop("attn_pooler_queries", 256),
+                                 v.pop("attn_pooler_heads", 8))
+    cls = t.pop("embed_cls", False)
+    v.pop("output_tokens", None), t.pop("output_tokens", None)
+    bad = []
+    if pool is not True:
+        bad.append(f"vision_cfg.attentional_pool={pool!r} (only open_clip's original CoCa pooling, true, imports)")
+    if v.get("pool_type", "tok") != "tok":
+        bad.append(f"vision_cfg.pool_type={v['pool_type']!r}")
+    width = t.get("width", 512)
+    if m.get("width", 512) != width or model_cfg["embed_dim"] != width:
+        bad.append(f"multimodal_cfg.width={m.get('width', 512)!r} with text_cfg.width={width!r} and "
+                   f"embed_dim={model_cfg['embed_dim']!r} (they must be equal)")
+    if m.get("ls_init_value") is not None:
+        bad.append(f"multimodal_cfg.ls_init_value={m['ls_init_value']!r}")
+    if bad:
+        raise ValueError(f"{source} is a CoCa variant cliptrain cannot represent: {', '.join(bad)}")
+    clip = config_from_open_clip({k: val for k, val in model_cfg.items() if k != "multimodal_cfg"} |
+                                 {"vision_cfg": v, "text_cfg": t}, source)
+    mm = MultimodalConfig(layers=m.get("layers", 12), heads=m.get("heads", 8), mlp_ratio=m.get("mlp_ratio", 4.0),
+                          image_tokens=queries - 1, pool_heads=pool_heads, single_pooler=True)
+    return replace(clip, text=replace(clip.text, cls_token=bool(cls)), multimodal=mm)
+
+
 def config_to_open_clip(cfg: CLIPConfig) -> dict:
     """The open_clip model config that builds the same network as `cfg`."""
     v, t = cfg.vision, cfg.text
+    if cfg.multimodal is not None:
+        raise ValueError("CoCa models do not export to open_clip (only import); export a CLIP model")
     if cfg.activation == "gelu_tanh" or not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre:
         raise ValueError("only CLIP-style ViT models (class token, ln_pre, gelu / quick_gelu) export to open_clip; "
                          "this model has SigLIP features")
@@ -139,10 +168,16 @@ def _size(value) -> int:
 # ------------------------------------------------------------------------------------ state dicts
 
 def state_dict_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """open_clip / OpenAI key names and shapes -> ours."""
-    out = {}
+    """open_clip / OpenAI key names and shapes -> ours (CoCa's too)."""
+    out = _coca_state_dict(sd)
     for key, value in sd.items():
-        if key in OPENAI_EXTRA_KEYS or key == "attn_mask" or key.endswith(".attn_mask"):
+        if key in OPENAI_EXTRA_KEYS or key == "attn_mask" or key.endswith(".attn_mask") or key.startswith(
+                _COCA_PREFIXES):
+            continue
+        if key.startswith("text."):               # CoCa (custom_text) keeps its text tower under `text.`
+            key = key[len("text."):]
+        if key == "cls_emb":
+            out["text.cls_embedding"] = value
             continue
         if key == "text_projection.weight":      # open_clip's proj_bias=True: a Linear
             out["text.text_projection"] = value.t().contiguous()
@@ -157,6 +192,52 @@ def state_dict_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             new = "text." + new
         out[new] = value.reshape(()) if new.startswith("logit_") else value
     return out
+
+
+_COCA_PREFIXES = ("text_decoder.", "visual.attn_pool.")
+
+
+def _coca_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_clip CoCa's attentional pooler and text decoder -> our `visual.pool` and `decoder` ({} for a CLIP)."""
+    out = _cross_attention(sd, "visual.attn_pool.attn.", "visual.pool.attn.")
+    for name in ("query", "ln_q.weight", "ln_q.bias", "ln_k.weight", "ln_k.bias"):
+        if f"visual.attn_pool.{name}" in sd:
+            out[f"visual.pool.{name}"] = sd[f"visual.attn_pool.{name}"]
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("text_decoder.resblocks.")}
+    for i in sorted(layers):
+        theirs, ours = f"text_decoder.cross_attn.{i}.", f"decoder.blocks.{i}.cross_block."
+        out.update(_cross_attention(sd, theirs + "attn.", ours + "attn."))
+        for key, value in sd.items():
+            if key.startswith(f"text_decoder.resblocks.{i}."):
+                new = key.replace(f"text_decoder.resblocks.{i}.", f"decoder.blocks.{i}.self_block.")
+                for a, b in _BLOCK_RULES:
+                    new = new.replace(a, b)
+                out[new] = value
+            elif key.startswith(theirs) and ".attn." not in key:
+                new = ours + key[len(theirs):].replace("ln_1_kv.", "ln_context.")
+                for a, b in _BLOCK_RULES:
+                    new = new.replace(a, b)
+                out[new] = value
+    if "text_decoder.text_projection" in sd:
+        out["decoder.head.weight"] = sd["text_decoder.text_projection"].t().contiguous()
+        out.update({f"decoder.ln_final.{k}": sd[f"text_decoder.ln_final.{k}"] for k in ("weight", "bias")})
+    return out
+
+
+def _cross_attention(sd: dict[str, torch.Tensor], theirs: str, ours: str) -> dict[str, torch.Tensor]:
+    """A torch nn.MultiheadAttention used as cross-attention (one in_proj_weight, or q / k / v_proj_weight
+    when the key width differs) -> our CrossAttention's q, kv (k and v stacked) and out Linears."""
+    if theirs + "in_proj_bias" not in sd:
+        return {}
+    bias = sd[theirs + "in_proj_bias"]
+    w = bias.shape[0] // 3
+    if theirs + "in_proj_weight" in sd:
+        q, kv = sd[theirs + "in_proj_weight"][:w], sd[theirs + "in_proj_weight"][w:]
+    else:
+        q = sd[theirs + "q_proj_weight"]
+        kv = torch.cat([sd[theirs + "k_proj_weight"], sd[theirs + "v_proj_weight"]], dim=0)
+    return {ours + "q.weight": q, ours + "q.bias": bias[:w], ours + "kv.weight": kv, ours + "kv.bias": bias[w:],
+            ours + "out.weight": sd[theirs + "out_proj.weight"], ours + "out.bias": sd[theirs + "out_proj.bias"]}
 
 
 def state_dict_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

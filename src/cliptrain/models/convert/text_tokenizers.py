@@ -11,12 +11,23 @@ import torch
 from cliptrain.tokenizer import CLIP_EOT, CLIP_SOT, TOKENIZER_FILE, Tokenizer, load_clip_bpe
 
 
+# A checkpoint's tokenizer.json for a transformers tokenizer: a small marker naming the folder beside it that
+# holds the tokenizer's own files (SigLIP: spiece.model + tokenizer_config.json), reloaded with transformers.
+# The files are copied rather than converted to a `tokenizers` tokenizer.json because transformers has no
+# exact fast equivalent of SiglipTokenizer: its text canonicalisation (lower-casing, punctuation removal,
+# whitespace folding) and SentencePiece calls live in Python, so only the same class on the same
+# spiece.model gives the same ids by construction, and the checkpoint needs the original directory no more.
+TRANSFORMERS_TOKENIZER_DIR = "transformers_tokenizer"
+_MARKER_KEY = "cliptrain_transformers_tokenizer"
+
+
 class HFTokenizer:
     """A transformers tokenizer behind cliptrain's tokenizer interface (fixed-length LongTensor of ids).
 
     Used for SigLIP's SentencePiece tokenizer, which cliptrain's BPE cannot express. Its text cleaning is
     whatever the transformers tokenizer does (SigLIP: lower-casing and punctuation removal in
-    `SiglipTokenizer`). It cannot be saved into a cliptrain checkpoint, so such models are for inference.
+    `SiglipTokenizer`). `save` writes its files into a checkpoint (see TRANSFORMERS_TOKENIZER_DIR);
+    `load_tokenizer` reads them back (transformers and sentencepiece needed).
     """
 
     def __init__(self, backend, context_length: int, source: str):
@@ -36,13 +47,36 @@ class HFTokenizer:
         return out["input_ids"].long()
 
     def save(self, path) -> None:
-        """Refused: a cliptrain checkpoint stores a tokenizer.json of cliptrain's own format."""
-        raise ValueError(f"the tokenizer of {self.source} is a transformers tokenizer (SentencePiece), which a "
-                         "cliptrain checkpoint cannot store; models with it can be loaded for inference "
-                         "(cliptrain.load) but not fine-tuned")
+        """Write the marker ``tokenizer.json`` at `path` (a .json file path, or a directory) and the
+        transformers files into TRANSFORMERS_TOKENIZER_DIR beside it."""
+        target = Path(path)
+        if target.is_dir() or (not target.exists() and target.suffix != ".json"):
+            target = target / TOKENIZER_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.backend.save_pretrained(str(target.parent / TRANSFORMERS_TOKENIZER_DIR))
+        marker = {_MARKER_KEY: {"directory": TRANSFORMERS_TOKENIZER_DIR, "class": type(self.backend).__name__,
+                                "context_length": self.context_length}}
+        target.write_text(json.dumps(marker, indent=1))
+
+    @classmethod
+    def load(cls, marker: Path) -> HFTokenizer:
+        """The tokenizer a marker ``tokenizer.json`` written by :meth:`save` names."""
+        info = json.loads(marker.read_text())[_MARKER_KEY]
+        return load_transformers_tokenizer(marker.parent / info["directory"], info["context_length"])
 
     def __repr__(self) -> str:
         return f"HFTokenizer({type(self.backend).__name__} from {self.source}, context_length={self.context_length})"
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer saved into a checkpoint or run directory (`path`: its tokenizer.json or the directory):
+    a cliptrain Tokenizer, or the HFTokenizer whose marker file :meth:`HFTokenizer.save` wrote."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / TOKENIZER_FILE
+    if file.is_file() and file.stat().st_size < 4096 and _MARKER_KEY in file.read_text(encoding="utf-8"):
+        return HFTokenizer.load(file)
+    return Tokenizer.load(file)
 
 
 def load_transformers_tokenizer(directory: Path, context_length: int) -> HFTokenizer:
