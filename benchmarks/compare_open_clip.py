@@ -49,9 +49,11 @@ def _inputs(image_size: int, context: int, vocab: int, batch: int, device):
 
 
 def run_open_clip(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str,
-                  compile: bool = False) -> dict:
+                  compile: bool = False, threads: int | None = None) -> dict:
     import open_clip
     from open_clip.loss import ClipLoss
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device(device)
     torch.manual_seed(0)
     spec = SHAPES[shape][2]
@@ -84,12 +86,14 @@ def _our_config(shape: str):
 
 
 def run_ours(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str,
-             compile: bool = False) -> dict:
+             compile: bool = False, threads: int | None = None) -> dict:
     from cliptrain.config import OptimSection
     from cliptrain.losses import build_objective
     from cliptrain.models import create_model
     from cliptrain.training.optim import build_optimizer
     from cliptrain.training.step import forward_backward
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device(device)
     torch.manual_seed(0)
     cfg = _our_config(shape)
@@ -111,12 +115,15 @@ def run_ours(shape: str, batch: int, precision: str, steps: int, warmup: int, de
 def _measure(step, cfg, batch: int, precision: str, steps: int, warmup: int, device,
              pooled_last_block: bool = True) -> dict:
     """Median step time -> samples/s, matmul FLOP/s (of the work that side does: open_clip computes every
-    position of its towers' last blocks, we compute the pooled one) and peak memory."""
+    position of its towers' last blocks, we compute the pooled one), peak memory, and MFU against the matmul
+    peak measured right after in the same process (so a busy machine lowers both alike)."""
     from cliptrain.models.flops import train_flops
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec = time_steps(step, device, steps, warmup)
-    return {"samples_per_s": batch / sec, "flops_per_s": train_flops(cfg, pooled_last_block) * batch / sec, "peak_mb": peak_memory_mb(device)}
+    flops_per_s, peak_mb = train_flops(cfg, pooled_last_block) * batch / sec, peak_memory_mb(device)
+    return {"samples_per_s": batch / sec, "flops_per_s": flops_per_s, "peak_mb": peak_mb,
+            "mfu": flops_per_s / matmul_peak(precision, device, repeats=5)}
 
 
 def main() -> int:
@@ -128,6 +135,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in each measured process (default: torch's choice)")
     parser.add_argument("--compile", nargs="+", default=["eager"], choices=["eager", "compiled"],
                         help="run eager, torch.compile'd, or both (each side compiled alike)")
     args = parser.parse_args()
@@ -137,13 +146,13 @@ def main() -> int:
         print("open_clip is not installed (pip install open_clip_torch): nothing to compare against.")
         return 0
     print(f"device {args.device}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} alternating repeats")
+          f"{args.threads or torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} alternating repeats")
     print("| shape | precision | mode | open_clip samples/s | ours samples/s | ours / open_clip | open_clip MFU | ours MFU "
           "| open_clip peak MiB | ours peak MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     ctx = mp.get_context("spawn")
     for shape, precision, mode in ((s, p, m) for s in args.shapes for p in args.precision for m in args.compile):
-        job = (shape, args.batch, precision, args.steps, args.warmup, args.device, mode == "compiled")
+        job = (shape, args.batch, precision, args.steps, args.warmup, args.device, mode == "compiled", args.threads)
         results: dict[str, list[dict]] = {"open_clip": [], "ours": []}
         for _ in range(args.repeats):
             for name, fn in (("open_clip", run_open_clip), ("ours", run_ours)):
@@ -151,8 +160,6 @@ def main() -> int:
                     results[name].append(pool.apply(fn, job))
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
         o, c = med["open_clip"], med["ours"]
-        peak = max(matmul_peak(precision, torch.device(args.device)) for _ in range(3))  # one peak for both
-        o["mfu"], c["mfu"] = o["flops_per_s"] / peak, c["flops_per_s"] / peak
         print(f"| {shape} | {precision} | {mode} | {o['samples_per_s']:.1f} | {c['samples_per_s']:.1f} | "
               f"{c['samples_per_s'] / o['samples_per_s']:.2f}x | {100 * o['mfu']:.1f}% | {100 * c['mfu']:.1f}% | "
               f"{o['peak_mb']:.0f} | {c['peak_mb']:.0f} |", flush=True)
