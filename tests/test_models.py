@@ -163,3 +163,22 @@ def test_forward_flops_match_torch_flop_counter(name, arch):
     else:
         assert forward_flops(cfg) == forward_flops(cfg, pooled_last_block=False)
         assert forward_flops(cfg) == counted
+
+
+def test_eval_features_of_identical_inputs_are_bit_identical_in_any_batch():
+    # Retrieval's tie rule needs identical inputs to give identical scores wherever they sit in a batch: eval
+    # mode computes every position of the last block (batch-size independent rounding here); training mode,
+    # which computes the pooled position alone, agrees to float rounding.
+    model = create_model("tiny", **MICRO_ARCH)
+    texts = torch.randint(3, 500, (8, 16))
+    texts[:, 15] = 2
+    images = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        for mode in ("eval", "train"):
+            getattr(model, mode)()
+            for encode, x in ((model.encode_text, texts), (model.encode_image, images)):
+                whole, parts = encode(x), torch.cat([encode(x[:3]), encode(x[3:])])
+                if mode == "eval":
+                    assert torch.equal(whole, parts)
+                else:
+                    assert torch.allclose(whole, parts, atol=1e-6)

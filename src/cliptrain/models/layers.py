@@ -197,11 +197,15 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, is_causal: bool = False, mask: torch.Tensor | None = None,
                 index: PoolIndex | None = None) -> torch.Tensor:
         """[B, N, W] -> [B, N, W]; `mask`: see `Attention.forward`, it replaces `is_causal` when given. With
-        `index` (the position a tower pools), [B, W]: the last block computes that position alone, since no
-        other output of it is used (exact, and a layer's worth of work less)."""
+        `index` (the position a tower pools), [B, W]. In training the last block then computes that position
+        alone, since no other output of it is used: exact, and a layer's worth of work less. In eval mode it
+        computes every position, because a matmul over B rows need not round like one over B x N rows: only
+        then are the features of identical inputs bit-identical wherever they sit in a batch, which retrieval's
+        tie rule relies on (in training the two agree to about 1e-7)."""
+        pooled_only = index is not None and self.training and len(self.blocks) > 0
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            at = index if i == last else None
+            at = index if pooled_only and i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Activations of the block are recomputed in backward instead of being stored.
                 x = checkpoint(block, x, is_causal, mask, at, use_reentrant=False)
@@ -209,7 +213,7 @@ class Transformer(nn.Module):
                 x = block(x, is_causal=is_causal, mask=mask, index=at)
         if index is None:
             return x
-        return x[:, 0] if self.blocks else pick(x, index)[:, 0]
+        return x[:, 0] if pooled_only else pick(x, index)[:, 0]
 
     def init_weights(self) -> None:
         """CLIP's initialisation: std width^-0.5 for QKV, scaled by depth for the output projections."""
