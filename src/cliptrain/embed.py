@@ -8,7 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from cliptrain.data.samples import FILE_IMAGE_SUFFIXES
+
 IMAGE_KEYS = ("image", "path", "filepath", "file", "filename")
 
 
@@ -18,9 +19,9 @@ def image_paths(spec: str | Path, image_key: str | None = None) -> list[str]:
 
     spec = Path(spec)
     if spec.is_dir():
-        paths = sorted(str(p) for p in spec.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = sorted(str(p) for p in spec.rglob("*") if p.suffix.lower() in FILE_IMAGE_SUFFIXES)
         if not paths:
-            raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {spec}")
+            raise ValueError(f"no image files ({', '.join(FILE_IMAGE_SUFFIXES)}) under {spec}")
         return paths
     if not spec.is_file():
         raise FileNotFoundError(f"--images {spec}: no such folder or table")

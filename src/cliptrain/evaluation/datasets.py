@@ -18,16 +18,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cliptrain.data.samples import FILE_IMAGE_SUFFIXES, BadSample, open_image_file
 from cliptrain.data.tables import read_rows
 from cliptrain.training.precision import autocast
 
-__all__ = ["IMAGE_EXTENSIONS", "LabelledImages", "RetrievalSet", "encode_images", "load_labelled_images",
+__all__ = ["LabelledImages", "RetrievalSet", "encode_images", "load_labelled_images",
            "load_retrieval_table", "skipped_message"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 PATH_COLUMNS = ("path", "image", "filepath", "file", "filename", "img")
 
 
@@ -80,11 +79,11 @@ def _folder_dataset(root: Path, classnames: Sequence[str] | None) -> LabelledIma
     paths, labels = [], []
     for label, folder in enumerate(folders):
         for f in sorted(folder.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            if f.is_file() and f.suffix.lower() in FILE_IMAGE_SUFFIXES:
                 paths.append(str(f))
                 labels.append(label)
     if not paths:
-        raise ValueError(f"{root}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"{root}: the class folders hold no images ({', '.join(FILE_IMAGE_SUFFIXES)})")
     return LabelledImages(paths, labels, names)
 
 
@@ -165,11 +164,10 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            with Image.open(self.paths[i]) as image:
-                image.load()
+            with open_image_file(self.paths[i]) as image:   # the checks and reasons of training data
                 return self.to_uint8(image), i, None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return None, i, f"{type(exc).__name__}: {exc}"
+        except BadSample as exc:
+            return None, i, exc.reason + (f" ({exc.detail})" if exc.detail else "")
 
 
 def _collate(items):
