@@ -308,3 +308,29 @@ def test_timm_prefix_names_a_timm_image_tower(tmp_path):
     trainer = build_trainer(run)
     assert type(trainer.model.visual).__name__ == "TimmVisionTower"
     trainer.fit()
+
+
+def test_channels_last_trains_a_convolutional_tower_to_the_same_weights(tmp_path):
+    from cliptrain.training.trainer import use_channels_last
+    arch = _arch({**TIMM_RESNET, "timm_pool": "avg"})
+    runs = {}
+    for setting in (False, True):
+        trainer = build_trainer(micro_config(tmp_path / str(setting), model={"arch": arch},
+                                             train={"steps": 2, "batch_size": 8, "channels_last": setting},
+                                             data={"train_samples": 32, "val_samples": 16}))
+        conv = next(m for m in trainer.model.visual.modules() if isinstance(m, nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == setting
+        runs[setting] = (_step(trainer)["loss"], _step(trainer)["loss"], _weights(trainer.model))
+        if setting:
+            trainer.save()   # safetensors needs contiguous tensors: written as such
+    (a1, a2, wa), (b1, b2, wb) = runs[False], runs[True]
+    assert torch.allclose(a1, b1, rtol=1e-5) and torch.allclose(a2, b2, rtol=1e-5)
+    # AdamW turns rounding-level gradient differences into lr-sized steps where a gradient is near zero, so
+    # compare all weights together (as the distributed tests do).
+    diff = torch.cat([(wa[k].double() - wb[k].double()).flatten() for k in wa])
+    assert float(diff.norm() / torch.cat([wa[k].double().flatten() for k in wa]).norm()) < 1e-5
+    # Unset: on CUDA for towers with convolutions proper, never for a ViT (its patch embedding is a matmul).
+    resnet, vit = create_model("tiny", **arch), create_model("tiny", **MICRO_ARCH)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_channels_last(None, resnet, cuda) and not use_channels_last(None, resnet, cpu)
+    assert not use_channels_last(None, vit, cuda) and use_channels_last(True, vit, cpu)

@@ -34,10 +34,10 @@ class Batch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> "Batch":
         nb = device.type == "cuda"
-        return Batch(self.images.to(device, non_blocking=nb), self.texts.to(device, non_blocking=nb), self.indices,
-                     self.bad)
+        images = self.images.to(device, non_blocking=nb, memory_format=memory_format)
+        return Batch(images, self.texts.to(device, non_blocking=nb), self.indices, self.bad)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
