@@ -153,6 +153,33 @@ def test_greedy_and_beam_are_deterministic_and_beam_width_one_is_greedy():
     assert (sequence_logprob(model, images, beam) >= sequence_logprob(model, images, greedy) - 1e-5).all()
 
 
+@pytest.mark.parametrize("variant", ["coca", "open_clip"])
+def test_the_key_value_cache_gives_the_plain_computation(variant):
+    # Incremental decoding (each step feeds the newest token; beam search reorders the cache with its
+    # beams) against recomputing every prefix: the same logits at every step, the same captions.
+    arch = COCA_ARCH if variant == "coca" else {
+        **COCA_ARCH, "text": {**COCA_ARCH["text"], "cls_token": True},
+        "multimodal": {**COCA_ARCH["multimodal"], "single_pooler": True}}
+    torch.manual_seed(0)
+    model = create_model("coca-tiny", **arch).eval()
+    images, _ = batch(5)
+    texts = torch.randint(3, 500, (5, 16), generator=torch.Generator().manual_seed(2))   # prefixes: no padding
+    texts[:, 0] = SOT
+    with torch.no_grad():
+        image_tokens = model.image_tokens(images)
+        state = model.start_decoding(image_tokens)
+        for t in range(1, 12):     # the first call feeds 3 tokens, then one per step
+            if t < 3:
+                continue
+            step = model.decode_step(texts[:, :3] if t == 3 else texts[:, t - 1:t], state)
+            plain = model.next_token_logits(image_tokens, texts[:, :t])[:, -1]
+            assert torch.allclose(step, plain, atol=1e-5, rtol=1e-5), t
+        for method, options in (("greedy", {}), ("beam", {"beam_width": 3}), ("top-k", {"top_k": 5})):
+            ids = [model.generate(images, SOT, method=method, max_length=12, cache=cache,
+                                  generator=torch.Generator().manual_seed(1), **options) for cache in (True, False)]
+            assert torch.equal(*ids), method
+
+
 def sequence_logprob(model, images, seqs):
     """Summed log-probability of each generated sequence's tokens up to its end-of-text (teacher forcing)."""
     out = model(images, seqs)

@@ -9,6 +9,8 @@ self-attention and cross-attention to the image tokens and end in next-token log
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cliptrain.models.clip import CLIP, ModelOutput
 from cliptrain.models.config import CLIPConfig, MultimodalConfig, TextConfig, VisionConfig
-from cliptrain.models.layers import AttentionalPooler, Block, CrossBlock, lock_blocks
+from cliptrain.models.layers import KV, AttentionalPooler, Block, CrossBlock, block_step, lock_blocks
 from cliptrain.models.vision import VisionTransformer
 
 
@@ -101,6 +103,17 @@ class MultimodalDecoder(nn.Module):
             layer.cross_block.attn.init_weights(proj_std)
         nn.init.normal_(self.head.weight, std=width ** -0.5)
 
+    def forward_step(self, text_tokens: torch.Tensor, image_kv: list[KV], past: list[KV] | None
+                     ) -> tuple[torch.Tensor, list[KV]]:
+        """Incremental `forward`: logits [B, S, vocab] of new positions given the image tokens' keys and values
+        per layer (`image_kv`) and each layer's self-attention keys and values of the earlier positions."""
+        x, cache = text_tokens, []
+        for i, layer in enumerate(self.blocks):
+            x, kv = block_step(layer.self_block, x, None if past is None else past[i])
+            x = layer.cross_block.forward_kv(x, image_kv[i])
+            cache.append(kv)
+        return self.head(self.ln_final(x)), cache
+
     def forward(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         x = text_tokens
         for layer in self.blocks:
@@ -109,6 +122,21 @@ class MultimodalDecoder(nn.Module):
             else:
                 x = layer(x, image_tokens)
         return self.head(self.ln_final(x))
+
+
+@dataclass
+class DecodeState:
+    """What incremental decoding keeps per prefix row: the image tokens' keys and values for each decoder
+    layer, and the keys and values of the prefix so far in the text tower's and the decoder's blocks."""
+    image: list[KV]
+    text: list[KV] | None = None
+    decoder: list[KV] | None = None
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep prefix rows `rows` (in that order; a row may repeat), e.g. the beams that go on. The image
+        keys and values are left as they are: a caller reorders rows only within the same image's block."""
+        pick = lambda cache: [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in cache]  # noqa: E731
+        self.text, self.decoder = pick(self.text), pick(self.decoder)
 
 
 class CoCa(CLIP):
@@ -137,6 +165,19 @@ class CoCa(CLIP):
     def next_token_logits(self, image_tokens: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """Decoder logits [B, L, vocab] for each prefix of `texts` [B, L] (position i predicts token i + 1)."""
         return self.decoder(self.text(texts, return_tokens=True)[1], image_tokens)
+
+    def start_decoding(self, image_tokens: torch.Tensor) -> "DecodeState":
+        """The key/value cache for generating captions of these images (see `decode_step`)."""
+        return DecodeState([layer.cross_block.context_kv(image_tokens) for layer in self.decoder.blocks])
+
+    def decode_step(self, tokens: torch.Tensor, state: "DecodeState") -> torch.Tensor:
+        """Logits [B, vocab] of the token after `tokens` [B, S] (the prefix's first S tokens, then one at a
+        time), which extend the prefix `state` holds; `state` takes in their keys and values. Equal to
+        `next_token_logits(image_tokens, prefix)[:, -1]` of the whole prefix, at a cost per step that does
+        not grow with its length (but for attention)."""
+        outputs, state.text = self.text.forward_step(tokens, state.text)
+        logits, state.decoder = self.decoder.forward_step(outputs, state.image, state.decoder)
+        return logits[:, -1]
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> ModelOutput:
         """Contrastive features of both modalities, and the decoder's logits for texts[:, 1:] given texts[:, :-1]."""

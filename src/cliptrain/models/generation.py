@@ -1,8 +1,10 @@
 """Caption generation for CoCa: greedy, beam search, top-k and top-p sampling.
 
-Every step runs the text tower and the decoder on the whole prefix (no key/value cache: captions
-are short, and this keeps one code path for training and generation); the image tokens are
-computed once per call.
+The image tokens, and their keys and values in each decoder layer, are computed once per call. Each
+step feeds only the newest token through the text tower and the decoder, which keep the keys and
+values of the earlier positions (a key/value cache; beam search reorders it with the beams). With
+`cache=False` every step recomputes the whole prefix instead, the plain computation the cache is
+tested against.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ METHODS: tuple[str, ...] = ("greedy", "beam", "top-k", "top-p")
 
 def generate(model, images: torch.Tensor, sot_id: int, method: Method = "greedy", max_length: int | None = None,
              beam_width: int = 4, length_penalty: float = 0.0, top_k: int = 50, top_p: float = 0.9,
-             temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+             temperature: float = 1.0, generator: torch.Generator | None = None, cache: bool = True) -> torch.Tensor:
     """Token ids [B, T] of one caption per image: `sot_id`, the generated tokens, the end-of-text token
     (unless cut at `max_length`), then padding; T <= `max_length` (default and cap: the context length).
 
@@ -27,7 +29,8 @@ def generate(model, images: torch.Tensor, sot_id: int, method: Method = "greedy"
     finds a likelier caption than greedy search. top-k / top-p: sample from the `top_k` most likely
     tokens / the smallest set holding probability `top_p`, after dividing the logits by
     `temperature`, drawing from `generator`.
-    Greedy and beam search are deterministic; beam search with width 1 is greedy search.
+    Greedy and beam search are deterministic; beam search with width 1 is greedy search. `cache`: keep
+    the prefix's keys and values (see the module docstring).
     """
     text = model.cfg.text
     max_length = min(max_length or text.context_length, text.context_length)
@@ -39,27 +42,50 @@ def generate(model, images: torch.Tensor, sot_id: int, method: Method = "greedy"
         raise ValueError("generation needs temperature > 0, top_k >= 1, 0 < top_p <= 1 and beam_width >= 1")
     image_tokens = model.image_tokens(images)
     if method == "beam":
-        return _beam(model, image_tokens, sot_id, max_length, beam_width, length_penalty)
+        image_tokens = image_tokens.repeat_interleave(beam_width, dim=0)
+    prefixes = _Prefixes(model, image_tokens, cache)
+    if method == "beam":
+        return _beam(model, prefixes, sot_id, max_length, beam_width, length_penalty)
     sample = None
     if method != "greedy":
         sample = (lambda logp: _sample(logp / temperature, top_k if method == "top-k" else None,
                                        top_p if method == "top-p" else None, generator))
-    return _step_by_step(model, image_tokens, sot_id, max_length, sample)
+    return _step_by_step(model, prefixes, sot_id, max_length, sample)
 
 
-def _next_logprobs(model, image_tokens: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities [N, vocab] (float32) of the token after each prefix [N, t]."""
-    return model.next_token_logits(image_tokens, prefix)[:, -1].float().log_softmax(dim=-1)
+class _Prefixes:
+    """The prefixes being extended, one per row of `image_tokens`: log-probabilities of their next token."""
+
+    def __init__(self, model, image_tokens: torch.Tensor, cache: bool):
+        self.model, self.image_tokens = model, image_tokens
+        self.state = model.start_decoding(image_tokens) if cache else None
+        self.seen = 0                                    # prefix tokens already in the cache
+
+    def next_logprobs(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [N, vocab] (float32) of the token after each prefix `seqs` [N, t] (which extends
+        the previous call's prefixes by one token, after `reorder`)."""
+        if self.state is None:
+            logits = self.model.next_token_logits(self.image_tokens, seqs)[:, -1]
+        else:
+            logits = self.model.decode_step(seqs[:, self.seen:], self.state)
+            self.seen = seqs.shape[1]
+        return logits.float().log_softmax(dim=-1)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """The prefixes go on from rows `rows` of the previous ones (beam search; within each image's rows)."""
+        if self.state is not None:
+            self.state.select(rows)
 
 
-def _step_by_step(model, image_tokens: torch.Tensor, sot_id: int, max_length: int, sample) -> torch.Tensor:
+def _step_by_step(model, prefixes: _Prefixes, sot_id: int, max_length: int, sample) -> torch.Tensor:
     """Greedy decoding (`sample` None) or sampling, one token per step until every row has ended."""
     eot, pad = model.cfg.text.eot_token_id, model.cfg.text.pad_token_id
-    b = image_tokens.shape[0]
-    seqs = torch.full((b, 1), sot_id, dtype=torch.long, device=image_tokens.device)
-    done = torch.zeros(b, dtype=torch.bool, device=image_tokens.device)
+    device = prefixes.image_tokens.device
+    b = prefixes.image_tokens.shape[0]
+    seqs = torch.full((b, 1), sot_id, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
     while seqs.shape[1] < max_length and not done.all():
-        logp = _next_logprobs(model, image_tokens, seqs)
+        logp = prefixes.next_logprobs(seqs)
         token = logp.argmax(dim=-1) if sample is None else sample(logp)
         token = torch.where(done, torch.full_like(token, pad), token)
         seqs = torch.cat([seqs, token[:, None]], dim=1)
@@ -83,7 +109,7 @@ def _sample(logits: torch.Tensor, top_k: int | None, top_p: float | None,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _beam(model, image_tokens: torch.Tensor, sot_id: int, max_length: int, width: int,
+def _beam(model, prefixes: _Prefixes, sot_id: int, max_length: int, width: int,
           length_penalty: float) -> torch.Tensor:
     """Beam search. Each step scores every continuation of each image's `width` live beams by summed
     log-prob; candidates ending in end-of-text among the best `width` enter a pool of finished
@@ -91,8 +117,8 @@ def _beam(model, image_tokens: torch.Tensor, sot_id: int, max_length: int, width
     the best `width` that did not end stay live. It stops when no live beam can still beat the best
     finished caption, or at `max_length` (live beams then count as finished)."""
     eot, pad = model.cfg.text.eot_token_id, model.cfg.text.pad_token_id
-    b, device = image_tokens.shape[0], image_tokens.device
-    image_tokens = image_tokens.repeat_interleave(width, dim=0)
+    b, device = prefixes.image_tokens.shape[0] // width, prefixes.image_tokens.device
+    first_row = torch.arange(b, device=device)[:, None] * width          # each image's first beam row
     seqs = torch.full((b, width, 1), sot_id, dtype=torch.long, device=device)
     scores = torch.full((b, width), float("-inf"), device=device)
     scores[:, 0] = 0.0                                                   # one live beam to start from
@@ -101,7 +127,7 @@ def _beam(model, image_tokens: torch.Tensor, sot_id: int, max_length: int, width
     positions = torch.arange(2 * width, device=device)
     while True:
         t = seqs.shape[2]                                                 # tokens so far, start token included
-        logp = _next_logprobs(model, image_tokens, seqs.flatten(0, 1)).view(b, width, -1)
+        logp = prefixes.next_logprobs(seqs.flatten(0, 1)).view(b, width, -1)
         top, index = (scores[..., None] + logp).flatten(1).topk(2 * width, dim=1)   # >= width of them go on
         beam, token = index // logp.shape[-1], index % logp.shape[-1]
         grown = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, t)), token[..., None]], dim=2)
@@ -112,6 +138,7 @@ def _beam(model, image_tokens: torch.Tensor, sot_id: int, max_length: int, width
         done = torch.cat([done, padded], dim=1).gather(1, keep[..., None].expand(-1, -1, max_length))
         live = (positions + ended * 2 * width).argsort(dim=1, stable=True)[:, :width]  # best `width` not ended
         scores, seqs = top.gather(1, live), grown.gather(1, live[..., None].expand(-1, -1, t + 1))
+        prefixes.reorder((first_row + beam.gather(1, live)).flatten())
         # log-probs only fall as a beam grows: a live beam ends at most at scores / (max_length - 1) ** penalty
         if t + 1 >= max_length or (done_scores.amax(1) >= scores.amax(1) / (max_length - 1) ** length_penalty).all():
             break

@@ -65,6 +65,24 @@ class Attention(nn.Module):
         return self.out(_sdpa(q, k, v, mask=mask).transpose(1, 2).reshape(b, 1, w))
 
 
+# Keys and values of one attention layer for the positions seen so far, each [B, heads, T, head width].
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def attention_step(attn: "Attention", x: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+    """Causal self-attention of new positions `x` [B, S, W] to the `past` keys and values and to each other
+    (incremental decoding): (output [B, S, W], keys and values including the new positions)."""
+    b, s, w = x.shape
+    h = attn.heads
+    q, k, v = attn.qkv(x).view(b, s, 3, h, w // h).permute(2, 0, 3, 1, 4)
+    if past is not None:
+        if s != 1:
+            raise ValueError(f"after the first step, decode one position at a time (got {s})")
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    out = _sdpa(q, k, v, is_causal=past is None and s > 1)      # one new position sees every key
+    return attn.out(out.transpose(1, 2).reshape(b, s, w)), (k, v)
+
+
 # Where a tower pools: one position for every row (0: a class token, -1: the last), or a [B] tensor of positions.
 PoolIndex = int | torch.Tensor
 
@@ -98,11 +116,20 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, self.context_kv(context))
+
+    def context_kv(self, context: torch.Tensor) -> KV:
+        """Keys and values [B, heads, M, head width] of a context [B, M, context_width]."""
+        b, m, _ = context.shape
+        w, h = self.q.out_features, self.heads
+        k, v = self.kv(context).view(b, m, 2, h, w // h).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x: torch.Tensor, kv: KV) -> torch.Tensor:
+        """Queries `x` [B, N, width] against the context's keys and values (see `context_kv`)."""
         b, n, w = x.shape
-        h = self.heads
-        q = self.q(x).view(b, n, h, w // h).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, h, w // h).permute(2, 0, 3, 1, 4)
-        return self.out(_sdpa(q, k, v).transpose(1, 2).reshape(b, n, w))
+        q = self.q(x).view(b, n, self.heads, w // self.heads).transpose(1, 2)
+        return self.out(_sdpa(q, *kv).transpose(1, 2).reshape(b, n, w))
 
     def init_weights(self, proj_std: float) -> None:
         """Normal init like the self-attention of `Transformer.init_weights`, zero biases."""
@@ -125,7 +152,14 @@ class CrossBlock(nn.Module):
         self.mlp = MLP(width, int(width * mlp_ratio), activation)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), self.ln_context(context))
+        return self.forward_kv(x, self.context_kv(context))
+
+    def context_kv(self, context: torch.Tensor) -> KV:
+        """The context's keys and values, computed once per context (incremental decoding reuses them)."""
+        return self.attn.context_kv(self.ln_context(context))
+
+    def forward_kv(self, x: torch.Tensor, kv: KV) -> torch.Tensor:
+        x = x + self.attn.attend(self.ln_1(x), kv)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -184,6 +218,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def block_step(block: Block, x: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+    """`block` on new positions `x` given the keys and values of the earlier ones (causal; see `attention_step`)."""
+    a, kv = attention_step(block.attn, block.ln_1(x), past)
+    x = x + a
+    return x + block.mlp(block.ln_2(x)), kv
+
+
 class Transformer(nn.Module):
     """A stack of pre-norm blocks."""
 
@@ -214,6 +255,15 @@ class Transformer(nn.Module):
         if index is None:
             return x
         return x[:, 0] if pooled_only else pick(x, index)[:, 0]
+
+    def forward_step(self, x: torch.Tensor, past: list[KV] | None) -> tuple[torch.Tensor, list[KV]]:
+        """Causal blocks on new positions `x` [B, S, W] given each block's keys and values of the earlier
+        positions (None at the start): (outputs of the new positions, the blocks' keys and values so far)."""
+        cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block_step(block, x, None if past is None else past[i])
+            cache.append(kv)
+        return x, cache
 
     def init_weights(self) -> None:
         """CLIP's initialisation: std width^-0.5 for QKV, scaled by depth for the output projections."""

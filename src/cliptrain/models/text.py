@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cliptrain.models.config import TextConfig
-from cliptrain.models.layers import (AdapterTower, PoolIndex, Transformer, import_optional, lock_blocks, pick,
+from cliptrain.models.layers import (KV, AdapterTower, PoolIndex, Transformer, import_optional, lock_blocks, pick,
                                      projection_head)
 
 
@@ -84,6 +84,21 @@ class TextTransformer(nn.Module):
         ones, or with the CLS token the blocks' un-normed ones (as open_clip's CoCa feeds its decoder)."""
         x = self._blocks(texts)
         return x[:, :-1] if self.cls_embedding is not None else self.ln_final(x)
+
+    def forward_step(self, texts: torch.Tensor, past: list[KV] | None) -> tuple[torch.Tensor, list[KV]]:
+        """Incremental `forward_tokens` of a causal tower: the outputs [B, S, width] of new tokens `texts`
+        [B, S] that follow the positions whose keys and values `past` holds (None: they start the text), and
+        the keys and values so far. Equal to `forward_tokens` of the whole prefix at those positions (rows
+        without padding; a CLS token is never part of a prefix's outputs)."""
+        if not self.cfg.causal:
+            raise ValueError("incremental decoding needs a causal text tower")
+        start = 0 if past is None else past[0][0].shape[2]
+        if start + texts.shape[1] > self.cfg.context_length:
+            raise ValueError(f"a prefix of {start + texts.shape[1]} tokens exceeds the context length "
+                             f"{self.cfg.context_length}")
+        x = self.token_embedding(texts) + self.positional_embedding[start:start + texts.shape[1]]
+        x, cache = self.transformer.forward_step(x, past)
+        return (x if self.cls_embedding is not None else self.ln_final(x)), cache
 
     def pool_index(self, texts: torch.Tensor) -> PoolIndex:
         """The position the features come from: each row's first end-of-text token, or the last (`pool: last`,
