@@ -329,3 +329,15 @@ def test_hf_export_with_the_clip_bpe_tokenizer_runs_end_to_end_in_transformers(t
         assert_close(features(model.get_text_features(input_ids=ids)), ours.encode_text(tok(texts), False))
     again = import_pretrained(tmp_path)
     assert again.tokenizer.is_clip_bpe and torch.equal(again.tokenizer(texts), tok(texts))
+
+
+def test_a_conv_stem_model_is_refused_by_both_exports():
+    from cliptrain.models.convert.hf import config_to_hf_clip
+    from cliptrain.models.convert.open_clip import config_to_open_clip
+    from cliptrain.models import create_model
+    cfg = create_model("tiny", vision={"stem": "conv"}, text={"eot_token_id": 1023}).cfg
+    for export in (config_to_open_clip, config_to_hf_clip):
+        with pytest.raises(ValueError, match="this model has vision.stem conv"):
+            export(cfg)
+    cfg.vision.stem = "patch"
+    assert config_to_open_clip(cfg)["vision_cfg"]["patch_size"] == 8 == config_to_hf_clip(cfg)["vision_config"]["patch_size"]
