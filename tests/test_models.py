@@ -181,7 +181,8 @@ def test_conv_stem_is_a_switch_and_the_patch_stem_stays_the_default():
     assert [tuple(m.weight.shape) for m in stem if isinstance(m, torch.nn.Conv2d)] == [
         (32, 3, 3, 3), (64, 32, 3, 3), (128, 64, 3, 3), (128, 128, 1, 1)]
     assert sum(p.numel() for p in conv.parameters()) == 1_583_489 - 128 * 3 * 64 + (
-        32 * 27 + 32 + 64 * 32 * 9 + 64 + 128 * 64 * 9 + 128 + 128 * 128)
+        32 * 27 + 32 + 64 * 32 * 9 + 64 + 128 * 64 * 9 + 128 + 128 * 128) + 2 * (32 + 64 + 128)   # + GroupNorms
+    assert sum(isinstance(m, torch.nn.GroupNorm) and m.num_groups == 1 for m in stem) == 3        # per-sample norms
     images = torch.randn(2, 3, 32, 32)
     assert conv.visual.forward_tokens(images).shape == (2, 17, 128)     # class token + 4 x 4 patches, as before
     assert conv.encode_image(images).shape == (2, 128)

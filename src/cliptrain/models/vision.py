@@ -107,12 +107,13 @@ def stem_channels(cfg: VisionConfig) -> list[int]:
 
 def conv_stem(cfg: VisionConfig) -> nn.Sequential:
     """The convolutional stem of "Early convolutions help transformers see better" (Xiao et al. 2021): 3x3
-    stride-2 convs with GELU, one per halving of patch_size, then a 1x1 conv to the width; each output
-    position is one patch token. No batch norm: a per-batch statistic would break exact gradient accumulation."""
+    stride-2 convs, each normalised and followed by GELU, one per halving of patch_size, then a 1x1 conv to the
+    width; each output position is one patch token. The norm is per sample (GroupNorm with one group), not batch
+    norm: a per-batch statistic would break exact gradient accumulation."""
     layers: list[nn.Module] = []
     c_in = 3
     for c_out in stem_channels(cfg):
-        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.GELU()]
+        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.GroupNorm(1, c_out), nn.GELU()]
         c_in = c_out
     layers.append(nn.Conv2d(c_in, cfg.width, kernel_size=1, bias=cfg.patch_bias))
     return nn.Sequential(*layers)
