@@ -1,6 +1,6 @@
 """How often a CoCa checkpoint's captions of the shapes validation images name the right primary object.
 
-    python examples/caption_accuracy.py runs/coca-demo/checkpoints/step_0000468
+    python examples/caption_accuracy.py runs/coca/checkpoints/step_0001092
     python examples/caption_accuracy.py CKPT --method greedy --limit 200 --examples 10
 
 For each validation image of the checkpoint's run (built-in `shapes` data), a caption is generated

@@ -137,9 +137,12 @@ def test_last_block_computes_only_the_pooled_position(name, arch):
         assert (g1[n] - g2[n]).abs().max() <= 1e-5 * scale, (n, float((g1[n] - g2[n]).abs().max()), float(scale))
 
 
-@pytest.mark.parametrize("name,arch", [("tiny", MICRO_ARCH), ("coca-tiny", {"vision": {"layers": 2}})])
+@pytest.mark.parametrize("name,arch", [("tiny", MICRO_ARCH), ("coca-tiny", {"vision": {"layers": 2}}),
+                                       ("tiny", {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], "stem": "conv"}}),
+                                       ("coca-tiny", {"vision": {"layers": 2, "stem": "conv"}})])
 def test_forward_flops_match_torch_flop_counter(name, arch):
-    # The analytic count equals what torch counts on the model as built (matmuls, attention, patch convolution),
+    # The analytic count equals what torch counts on the model as built (matmuls, attention, patch convolution or
+    # conv stem),
     # with the towers' last blocks at the pooled position alone (CLIP) or at every position (CoCa's decoder
     # reads them all); the plain count is what an implementation without that saving does.
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -182,3 +185,53 @@ def test_eval_features_of_identical_inputs_are_bit_identical_in_any_batch():
                     assert torch.equal(whole, parts)
                 else:
                     assert torch.allclose(whole, parts, atol=1e-6)
+def test_conv_stem_is_a_switch_and_the_patch_stem_stays_the_default():
+    # `tiny` as built before vision.stem existed: 1,583,489 parameters in 98 tensors, patch_embed one 8x8 conv.
+    default, patch = create_model("tiny"), create_model("tiny", vision={"stem": "patch"})
+    names = [n for n, _ in default.named_parameters()]
+    assert names == [n for n, _ in patch.named_parameters()] and len(names) == 98
+    assert sum(p.numel() for p in default.parameters()) == 1_583_489
+    assert default.visual.patch_embed.weight.shape == (128, 3, 8, 8)
+
+    conv = create_model("tiny", vision={"stem": "conv"})
+    stem = conv.visual.patch_embed   # 32 -> 16 -> 8 -> 4 px: three 3x3 stride-2 convs, then 1x1 to the width
+    assert [tuple(m.weight.shape) for m in stem if isinstance(m, torch.nn.Conv2d)] == [
+        (32, 3, 3, 3), (64, 32, 3, 3), (128, 64, 3, 3), (128, 128, 1, 1)]
+    assert sum(p.numel() for p in conv.parameters()) == 1_583_489 - 128 * 3 * 64 + (
+        32 * 27 + 32 + 64 * 32 * 9 + 64 + 128 * 64 * 9 + 128 + 128 * 128) + 2 * (32 + 64 + 128)   # + GroupNorms
+    assert sum(isinstance(m, torch.nn.GroupNorm) and m.num_groups == 1 for m in stem) == 3        # per-sample norms
+    images = torch.randn(2, 3, 32, 32)
+    assert conv.visual.forward_tokens(images).shape == (2, 17, 128)     # class token + 4 x 4 patches, as before
+    assert conv.encode_image(images).shape == (2, 128)
+    with pytest.raises(ValueError, match="vision.patch_size must be a power of 2, got 12"):
+        create_model("tiny", vision={"stem": "conv", "image_size": 36, "patch_size": 12})
+
+
+def test_a_conv_stem_model_trains(tmp_path):
+    from cliptrain.training.setup import build_trainer
+    from conftest import micro_config
+    arch = {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], "stem": "conv"}}
+    trainer = build_trainer(micro_config(tmp_path, model={"arch": arch}, train={"steps": 2}))
+    before = trainer.model.visual.patch_embed[0].weight.detach().clone()
+    trainer.fit()
+    assert trainer.step == 2
+    assert not torch.equal(before, trainer.model.visual.patch_embed[0].weight.detach())   # the stem learns
+
+
+def test_a_checkpoint_written_before_vision_stem_existed_loads(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from cliptrain.tokenizer import train_bpe
+    from cliptrain.training import checkpoint as ckpt
+    from cliptrain.training.setup import load_checkpoint
+    model = create_model("tiny", **MICRO_ARCH)
+    arch = dataclasses.asdict(model.cfg)
+    del arch["vision"]["stem"]
+    config = yaml.safe_dump({"model": {"name": "tiny", "arch": arch}})
+    path = ckpt.save_checkpoint(ckpt.checkpoint_dir(tmp_path, 1), model.state_dict(), {}, {"step": 1}, config,
+                                tokenizer=train_bpe(["a red circle"], 300, 16))
+    loaded, _, _ = load_checkpoint(path)
+    assert loaded.cfg.vision.stem == "patch"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

@@ -237,7 +237,8 @@ def cmd_caption(argv: list[str]) -> int:
                                  length_penalty=args.length_penalty, top_k=args.top_k, top_p=args.top_p,
                                  temperature=args.temperature, generator=generator)
     for path, caption in zip(args.images, captions):
-        print(f"{path}\t{caption}")
+        # One line per image whatever was sampled: a barely trained model can emit tabs or line breaks.
+        print(f"{path}\t{' '.join(caption.split())}")
     return 0
 
 

@@ -32,6 +32,7 @@ class VisionConfig:
     pool: Literal["cls", "map"] = "cls"  # features from the class token, or a MAP head (attention pooling, SigLIP)
     proj: bool = True                    # project the pooled features to embed_dim; false (Hugging Face SigLIP): none,
                                          # the width is the embedding size
+    stem: Literal["patch", "conv"] = "patch"  # patchify conv, or 3x3 stride-2 convs + GELU (Xiao et al. 2021)
 
     def __post_init__(self):
         if not 0 <= self.patch_dropout < 1:
@@ -47,6 +48,9 @@ class VisionConfig:
             raise ConfigError(f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
         if min(self.layers, self.heads, self.patch_size) < 1:
             raise ConfigError("vision.layers, vision.heads and vision.patch_size must be >= 1")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ConfigError(f"vision.stem conv halves the image log2(patch_size) times, so vision.patch_size must be "
+                              f"a power of 2, got {self.patch_size}; use stem patch")
         if self.pool == "cls" and not self.class_token:
             raise ConfigError("vision.pool cls needs vision.class_token true; without a class token use pool map")
 

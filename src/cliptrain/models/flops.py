@@ -1,7 +1,8 @@
 """Matmul FLOP counts of a forward pass, for model FLOP utilisation (MFU)."""
 from __future__ import annotations
 
-from cliptrain.models.config import CLIPConfig
+from cliptrain.models.config import CLIPConfig, VisionConfig
+from cliptrain.models.vision import stem_channels
 
 
 def _tower_flops(width: int, layers: int, tokens: int, mlp_ratio: float, pooled: bool = False) -> float:
@@ -27,12 +28,26 @@ def forward_flops(cfg: CLIPConfig, pooled_last_block: bool = True) -> float:
     patches = (v.image_size // v.patch_size) ** 2
     tokens = patches + int(v.class_token)
     flops = _tower_flops(v.width, v.layers, tokens, v.mlp_ratio, pooled_last_block and v.pool == "cls" and not coca)
-    flops += 2 * patches * 3 * v.patch_size ** 2 * v.width          # patch embedding
-    flops += _tower_flops(t.width, t.layers, t.context_length + int(t.cls_token), t.mlp_ratio, pooled_last_block and not coca)
+    flops += _stem_flops(v)                                         # patch embedding or conv stem
+    flops += _tower_flops(t.width, t.layers, t.context_length + int(t.cls_token), t.mlp_ratio,
+                          pooled_last_block and not coca)
     flops += 2 * (v.width + t.width) * cfg.embed_dim                # projections
     if coca:
         flops += _coca_flops(cfg, tokens)
     return float(flops)
+
+
+def _stem_flops(v: VisionConfig) -> float:
+    """The patch embedding (one conv of patch_size) or the conv stem (3x3 stride-2 convs, then 1x1 to the width)."""
+    patches = (v.image_size // v.patch_size) ** 2
+    if v.stem == "patch":
+        return 2 * patches * 3 * v.patch_size ** 2 * v.width
+    flops, c_in, side = 0, 3, v.image_size
+    for c_out in stem_channels(v):
+        side = (side + 1) // 2                                      # kernel 3, stride 2, padding 1
+        flops += 2 * side * side * 9 * c_in * c_out
+        c_in = c_out
+    return flops + 2 * patches * c_in * v.width
 
 
 def _coca_flops(cfg: CLIPConfig, image_tokens: int) -> float:

@@ -20,7 +20,8 @@ def image_tower(cfg: VisionConfig, embed_dim: int, activation: str, pretrained: 
 
 
 class VisionTransformer(nn.Module):
-    """Patch embedding, class token, positions, pre-norm blocks, final norm, projection of the class token.
+    """Patch embedding (or a conv stem), class token, positions, pre-norm blocks, final norm, projection of the
+    class token.
 
     SigLIP's variant (config switches): a biased patch embedding, no class token, no ln_pre, and a MAP
     head pooling all tokens."""
@@ -29,7 +30,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         w, tokens = cfg.width, (cfg.image_size // cfg.patch_size) ** 2 + int(cfg.class_token)
-        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.patch_embed = conv_stem(cfg) if cfg.stem == "conv" else nn.Conv2d(
+            3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.class_embedding = nn.Parameter(torch.empty(w)) if cfg.class_token else None
         self.positional_embedding = nn.Parameter(torch.empty(tokens, w))
         self.ln_pre = nn.LayerNorm(w, eps=norm_eps) if cfg.ln_pre else nn.Identity()
@@ -98,6 +100,26 @@ class VisionTransformer(nn.Module):
     def block_modules(self) -> list[nn.Module]:
         """The repeated blocks (units of FSDP sharding)."""
         return list(self.transformer.blocks)
+
+
+def stem_channels(cfg: VisionConfig) -> list[int]:
+    """Output channels of the conv stem's 3x3 stride-2 convs: log2(patch_size) of them, doubling up to the width."""
+    n = cfg.patch_size.bit_length() - 1
+    return [max(1, cfg.width >> (n - 1 - i)) for i in range(n)]
+
+
+def conv_stem(cfg: VisionConfig) -> nn.Sequential:
+    """The convolutional stem of "Early convolutions help transformers see better" (Xiao et al. 2021): 3x3
+    stride-2 convs, each normalised and followed by GELU, one per halving of patch_size, then a 1x1 conv to the
+    width; each output position is one patch token. The norm is per sample (GroupNorm with one group), not batch
+    norm: a per-batch statistic would break exact gradient accumulation."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for c_out in stem_channels(cfg):
+        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.GroupNorm(1, c_out), nn.GELU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, cfg.width, kernel_size=1, bias=cfg.patch_bias))
+    return nn.Sequential(*layers)
 
 
 class TimmVisionTower(AdapterTower):

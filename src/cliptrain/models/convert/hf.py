@@ -86,6 +86,8 @@ def config_to_hf_clip(cfg: CLIPConfig, tokenizer=None) -> dict:
     if not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre or not v.proj or not t.causal \
             or t.pool != "eot" or t.proj_bias:
         raise ValueError("only CLIP-style models export to a Hugging Face CLIPModel; this one has SigLIP features")
+    if v.stem != "patch":
+        raise ValueError("a Hugging Face CLIPModel embeds patches with one convolution; this model has vision.stem conv")
     if t.eot_token_id == 2:
         raise ValueError("transformers' CLIPModel pools text at argmax(input_ids) when eos_token_id is 2, so a "
                          "model whose end-of-text id is 2 (a tokenizer learned by cliptrain) would be read wrong; "

@@ -115,6 +115,8 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict:
                          "this model has SigLIP features")
     if cfg.norm_eps != 1e-5:
         raise ValueError(f"open_clip's LayerNorm uses eps 1e-5; this model has norm_eps {cfg.norm_eps}")
+    if v.stem != "patch":
+        raise ValueError("open_clip's ViT embeds patches with one convolution; this model has vision.stem conv")
     text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
             "layers": t.layers, "mlp_ratio": t.mlp_ratio, "pad_id": t.pad_token_id}
     if t.pool == "last":
