@@ -67,6 +67,9 @@ def kill_and_resume(tmp_path, kills, seed):
     return done_kills
 
 
+# 26 s: under -m slow to keep the default suite under 5 minutes; the checkpoint writes it relies on are
+# covered by tests/test_checkpoint.py and the in-process resume tests.
+@pytest.mark.slow
 def test_sigkill_three_times_then_bit_identical(tmp_path):
     assert kill_and_resume(tmp_path, kills=3, seed=0) == 3
 
