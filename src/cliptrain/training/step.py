@@ -77,12 +77,7 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
         return _single_backward(model, objective, images, texts, precision, scale, world, teacher)
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
     outs, sums, rng, after = _first_pass(model, objective, chunks, precision, teacher)
-    counts = _global_counts(sums, world)
-    joined = _join(outs, world)
-    total, logged = _total(objective, ModelOutput(**joined))
-    for name, count in counts.items():
-        logged[name] = sum_over_ranks(sum(p[name][0] for p in sums)) / count
-        logged["loss"] = logged["loss"] + logged[name]
+    joined, total, logged, counts = _joined_loss(objective, outs, sums, world)
     names = [n for n, v in joined.items() if v is not None and v.requires_grad]
     grads = dict(zip(names, torch.autograd.grad(scale(total), [joined[n] for n in names], allow_unused=True)))
     local = images.shape[0]
@@ -105,6 +100,19 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
             torch.stack(terms).sum().backward()
     set_device_rng_state(after, images.device)
     return logged
+
+
+def _joined_loss(objective: Objective, outs: list[ModelOutput], sums: list[dict], world: World):
+    """The loss of the first pass's outputs joined over micro-batches and ranks: (joined per-sample outputs,
+    the per-sample loss, the logged losses with every token-summed loss added at its global mean, and the
+    global token count of each token-summed loss)."""
+    counts = _global_counts(sums, world)
+    joined = _join(outs, world)
+    total, logged = _total(objective, ModelOutput(**joined))
+    for name, count in counts.items():
+        logged[name] = sum_over_ranks(sum(p[name][0] for p in sums)) / count
+        logged["loss"] = logged["loss"] + logged[name]
+    return joined, total, logged, counts
 
 
 def device_rng_state(device: torch.device) -> tuple:
