@@ -41,8 +41,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, is_causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`mask`: boolean [B, 1, N, N], True where a query may attend to a key (the causal mask included)."""
         b, n, w = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.split_qkv(x)
         return self.out(_sdpa(q, k, v, is_causal, mask).transpose(1, 2).reshape(b, n, w))
+
+    def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, heads, N, head width] of `x` [B, N, width] (one fused projection)."""
+        b, n, w = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
 
     def forward_one(self, x: torch.Tensor, index: PoolIndex, is_causal: bool = False,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,8 +79,7 @@ def attention_step(attn: "Attention", x: torch.Tensor, past: KV | None) -> tuple
     """Causal self-attention of new positions `x` [B, S, W] to the `past` keys and values and to each other
     (incremental decoding): (output [B, S, W], keys and values including the new positions)."""
     b, s, w = x.shape
-    h = attn.heads
-    q, k, v = attn.qkv(x).view(b, s, 3, h, w // h).permute(2, 0, 3, 1, 4)
+    q, k, v = attn.split_qkv(x)
     if past is not None:
         if s != 1:
             raise ValueError(f"after the first step, decode one position at a time (got {s})")
