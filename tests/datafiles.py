@@ -117,3 +117,14 @@ def build_bad_shards(tmp_path):
     (tmp_path / "sizes.json").write_text(json.dumps({"s-0.tar": n0, "s-1.tar": n1, "s-2.tar": 6}))
     expected["corrupt_shard"] += 3
     return f"{tmp_path}/s-{{0..2}}.tar", good, expected, n0 + n1 + 6
+
+
+def tiny_siglip_model(transformers, vocab_size: int, width: int, layers: int, mlp: int, seed: int = 0):
+    """A randomly initialised Hugging Face SiglipModel with 32 px images, 8 px patches, 16 text positions,
+    2 heads, and eos = pad = 1 (as SigLIP's tokenizer has them)."""
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=2)
+    config = transformers.SiglipConfig(
+        text_config=dict(vocab_size=vocab_size, max_position_embeddings=16, eos_token_id=1, pad_token_id=1, **shape),
+        vision_config=dict(image_size=32, patch_size=8, **shape))
+    return transformers.SiglipModel(config).eval()

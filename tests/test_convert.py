@@ -20,6 +20,8 @@ from cliptrain.models.convert import open_clip as oc_format
 from cliptrain.tokenizer import load_clip_bpe
 from cliptrain.typed import ConfigError, from_dict, to_dict
 
+from datafiles import tiny_siglip_model
+
 TOL = 1e-5
 # A tiny open_clip ViT CLIP (vocab 100: eot = 99, the largest id, as with the CLIP BPE).
 TINY_OC = {"embed_dim": 32,
@@ -189,13 +191,7 @@ def test_hf_export_refuses_a_learned_tokenizer_end_of_text_id():
 
 def test_hf_siglip_directory_imports_with_identical_embeddings(tmp_path):
     transformers = transformers_module()
-    torch.manual_seed(0)
-    config = transformers.SiglipConfig(
-        text_config=dict(vocab_size=100, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8))
-    theirs = transformers.SiglipModel(config).eval()
+    theirs = tiny_siglip_model(transformers, vocab_size=100, width=64, layers=2, mlp=100)
     theirs.save_pretrained(tmp_path / "siglip")
     write_sentencepiece_like_tokenizer(tmp_path / "siglip")
     imported = import_pretrained(tmp_path / "siglip")

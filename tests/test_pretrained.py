@@ -14,6 +14,7 @@ from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.setup import build_trainer
 
 from conftest import micro_config
+from datafiles import tiny_siglip_model
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +134,7 @@ def write_tiny_siglip(directory):
     directory.mkdir(parents=True)
     (directory / "spiece.model").write_bytes(model.getvalue())
     tokenizer = transformers.SiglipTokenizer(str(directory / "spiece.model"), model_max_length=16)
-    torch.manual_seed(0)
-    config = transformers.SiglipConfig(
-        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8))
-    transformers.SiglipModel(config).save_pretrained(directory)
+    tiny_siglip_model(transformers, vocab_size=64, width=32, layers=1, mlp=64).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return tokenizer
 
