@@ -46,8 +46,7 @@ class Attention(nn.Module):
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values [B, heads, N, head width] of `x` [B, N, width] (one fused projection)."""
-        b, n, w = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = split_heads(self.qkv(x), 3, self.heads)
         return q, k, v
 
     def forward_one(self, x: torch.Tensor, index: PoolIndex, is_causal: bool = False,
@@ -59,7 +58,7 @@ class Attention(nn.Module):
         b, n, w = x.shape
         h = self.heads
         q = F.linear(pick(x, index), self.qkv.weight[:w], self.qkv.bias[:w]).view(b, 1, h, w // h).transpose(1, 2)
-        k, v = F.linear(x, self.qkv.weight[w:], self.qkv.bias[w:]).view(b, n, 2, h, w // h).permute(2, 0, 3, 1, 4)
+        k, v = split_heads(F.linear(x, self.qkv.weight[w:], self.qkv.bias[w:]), 2, h)
         if mask is not None:
             mask = pick(mask.squeeze(1), index).unsqueeze(1)                     # [B, 1, 1, N]: the query's row
         elif is_causal:
@@ -69,6 +68,14 @@ class Attention(nn.Module):
             else:
                 mask = (torch.arange(n, device=x.device) <= index[:, None]).view(b, 1, 1, n)
         return self.out(_sdpa(q, k, v, mask=mask).transpose(1, 2).reshape(b, 1, w))
+
+
+def split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """A fused projection's output [B, N, parts * W] -> `parts` tensors [B, heads, N, W / heads] (e.g. queries,
+    keys, values). Split before the head transpose, so that backward stacks the parts' gradients straight into
+    the projection's [B, N, parts * W] layout: one pass, where splitting after it needs a second (a copy)."""
+    b, n, pw = x.shape
+    return tuple(t.transpose(1, 2) for t in x.view(b, n, parts, heads, pw // parts // heads).unbind(2))
 
 
 # Keys and values of one attention layer for the positions seen so far, each [B, heads, T, head width].
@@ -125,9 +132,7 @@ class CrossAttention(nn.Module):
 
     def context_kv(self, context: torch.Tensor) -> KV:
         """Keys and values [B, heads, M, head width] of a context [B, M, context_width]."""
-        b, m, _ = context.shape
-        w, h = self.q.out_features, self.heads
-        k, v = self.kv(context).view(b, m, 2, h, w // h).permute(2, 0, 3, 1, 4)
+        k, v = split_heads(self.kv(context), 2, self.heads)
         return k, v
 
     def attend(self, x: torch.Tensor, kv: KV) -> torch.Tensor:
@@ -373,7 +378,7 @@ class MAPHead(nn.Module):
         b, n, w = x.shape
         hd = w // self.heads
         q = self.q(self.probe.to(x.dtype)).expand(b, -1, -1).view(b, 1, self.heads, hd).transpose(1, 2)
-        k, v = self.kv(x).view(b, n, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        k, v = split_heads(self.kv(x), 2, self.heads)
         y = self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, w))
         y = y + self.mlp(self.ln(y))
         return y[:, 0]
