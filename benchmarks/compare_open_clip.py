@@ -11,7 +11,8 @@ the median over repeats of each process's median step.
 What one step is, on both sides: zero_grad, autocast forward of the two towers, the contrastive
 loss (open_clip: its ClipLoss; ours: the configured objective), backward, AdamW step with torch's
 default implementation choice, logit-scale clamp. No gradient clipping on either side (open_clip's
-default). MFU = model matmul FLOP/s / the matmul peak measured in the same process.
+default). MFU = the model's matmul FLOP/s (every position of every block, the same count for both sides) /
+the matmul peak measured in the same process; HFU = the matmul FLOP/s that side executes / that peak.
 """
 from __future__ import annotations
 
@@ -48,12 +49,20 @@ def _inputs(image_size: int, context: int, vocab: int, batch: int, device):
     return images, texts.to(device)
 
 
-def run_open_clip(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str,
-                  compile: bool = False, threads: int | None = None) -> dict:
-    import open_clip
-    from open_clip.loss import ClipLoss
+def _setup_process(threads: int | None, keep_memory: bool, device: str) -> None:
+    """Torch threads, and on CPU whether freed host memory stays in the process (as cliptrain's trainer does)."""
     if threads:
         torch.set_num_threads(threads)
+    if keep_memory and torch.device(device).type == "cpu":
+        from cliptrain.training.host_memory import keep_freed_memory
+        keep_freed_memory()
+
+
+def run_open_clip(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str,
+                  compile: bool = False, threads: int | None = None, keep_memory: bool = False) -> dict:
+    import open_clip
+    from open_clip.loss import ClipLoss
+    _setup_process(threads, keep_memory, device)
     device = torch.device(device)
     torch.manual_seed(0)
     spec = SHAPES[shape][2]
@@ -86,14 +95,13 @@ def _our_config(shape: str):
 
 
 def run_ours(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str,
-             compile: bool = False, threads: int | None = None) -> dict:
+             compile: bool = False, threads: int | None = None, keep_memory: bool = True) -> dict:
     from cliptrain.config import OptimSection
     from cliptrain.losses import build_objective
     from cliptrain.models import create_model
     from cliptrain.training.optim import build_optimizer
     from cliptrain.training.step import forward_backward
-    if threads:
-        torch.set_num_threads(threads)
+    _setup_process(threads, keep_memory, device)
     device = torch.device(device)
     torch.manual_seed(0)
     cfg = _our_config(shape)
@@ -114,16 +122,19 @@ def run_ours(shape: str, batch: int, precision: str, steps: int, warmup: int, de
 
 def _measure(step, cfg, batch: int, precision: str, steps: int, warmup: int, device,
              pooled_last_block: bool = True) -> dict:
-    """Median step time -> samples/s, matmul FLOP/s (of the work that side does: open_clip computes every
-    position of its towers' last blocks, we compute the pooled one), peak memory, and MFU against the matmul
-    peak measured right after in the same process (so a busy machine lowers both alike)."""
+    """Median step time -> samples/s, peak memory, and two utilisations against the matmul peak measured right
+    after in the same process (so a busy machine lowers both alike): MFU counts the model's FLOPs (every
+    position of every block: the same count for both sides), HFU the FLOPs that side executes (open_clip
+    every position, ours the pooled position of each tower's last block)."""
     from cliptrain.models.flops import train_flops
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec = time_steps(step, device, steps, warmup)
-    flops_per_s, peak_mb = train_flops(cfg, pooled_last_block) * batch / sec, peak_memory_mb(device)
-    return {"samples_per_s": batch / sec, "flops_per_s": flops_per_s, "peak_mb": peak_mb,
-            "mfu": flops_per_s / matmul_peak(precision, device, repeats=5)}
+    peak_mb = peak_memory_mb(device)
+    peak = matmul_peak(precision, device, repeats=5)
+    return {"samples_per_s": batch / sec, "peak_mb": peak_mb,
+            "mfu": train_flops(cfg, pooled_last_block=False) * batch / sec / peak,
+            "hfu": train_flops(cfg, pooled_last_block) * batch / sec / peak}
 
 
 def main() -> int:
@@ -139,6 +150,9 @@ def main() -> int:
                         help="torch threads in each measured process (default: torch's choice)")
     parser.add_argument("--compile", nargs="+", default=["eager"], choices=["eager", "compiled"],
                         help="run eager, torch.compile'd, or both (each side compiled alike)")
+    parser.add_argument("--keep-freed-memory", default="ours", choices=["ours", "both", "neither"],
+                        help="which side keeps freed host memory for reuse (glibc; cliptrain's trainer does this on "
+                             "CPU by default, train.keep_freed_memory)")
     args = parser.parse_args()
     try:
         import open_clip
@@ -146,22 +160,25 @@ def main() -> int:
         print("open_clip is not installed (pip install open_clip_torch): nothing to compare against.")
         return 0
     print(f"device {args.device}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
-          f"{args.threads or torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} alternating repeats")
+          f"{args.threads or torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} alternating repeats, "
+          f"freed host memory kept by: {args.keep_freed_memory}")
     print("| shape | precision | mode | open_clip samples/s | ours samples/s | ours / open_clip | open_clip MFU | ours MFU "
-          "| open_clip peak MiB | ours peak MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| ours HFU | open_clip peak MiB | ours peak MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     ctx = mp.get_context("spawn")
     for shape, precision, mode in ((s, p, m) for s in args.shapes for p in args.precision for m in args.compile):
         job = (shape, args.batch, precision, args.steps, args.warmup, args.device, mode == "compiled", args.threads)
+        keep = {"open_clip": args.keep_freed_memory == "both", "ours": args.keep_freed_memory != "neither"}
         results: dict[str, list[dict]] = {"open_clip": [], "ours": []}
         for _ in range(args.repeats):
             for name, fn in (("open_clip", run_open_clip), ("ours", run_ours)):
                 with ctx.Pool(1) as pool:
-                    results[name].append(pool.apply(fn, job))
+                    results[name].append(pool.apply(fn, job + (keep[name],)))
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
         o, c = med["open_clip"], med["ours"]
         print(f"| {shape} | {precision} | {mode} | {o['samples_per_s']:.1f} | {c['samples_per_s']:.1f} | "
               f"{c['samples_per_s'] / o['samples_per_s']:.2f}x | {100 * o['mfu']:.1f}% | {100 * c['mfu']:.1f}% | "
+              f"{100 * c['hfu']:.1f}% | "
               f"{o['peak_mb']:.0f} | {c['peak_mb']:.0f} |", flush=True)
     return 0
 

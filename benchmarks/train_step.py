@@ -4,8 +4,10 @@
     python benchmarks/train_step.py --models tiny --batch-size 128 --precision fp32 bf16
 
 Each configuration runs in a fresh process, so its peak memory (peak RSS on CPU, peak allocated on
-CUDA) is its own. MFU = model matmul FLOPs per second / the machine's matmul peak, which this script measures in the
-same run (a large square matmul at the same precision), so the ratio is against this machine.
+CUDA) is its own. MFU = the model's matmul FLOPs per second (every position of every block, as the
+architecture defines them) / the machine's matmul peak, which this script measures in the same run (a
+large square matmul at the same precision), so the ratio is against this machine; HFU counts the FLOPs
+cliptrain executes instead (its towers' last blocks compute only the pooled position).
 """
 from __future__ import annotations
 
@@ -83,10 +85,11 @@ def bench(name: str, batch: int, precision: str, device: torch.device, steps: in
 
     step = time_steps(train_step, device, steps, warmup)
     peak = matmul_peak(precision, device)
-    flops = train_flops(cfg) * batch / step
+    model_flops = train_flops(cfg, pooled_last_block=False) * batch / step   # the architecture's count
+    executed = train_flops(cfg) * batch / step                                # what cliptrain computes
     return {"model": name, "batch": batch, "precision": precision, "samples_per_s": batch / step,
-            "step_ms": 1000 * step, "tflops": flops / 1e12, "peak_tflops": peak / 1e12, "mfu": flops / peak,
-            "peak_mem_mb": peak_memory_mb(device)}
+            "step_ms": 1000 * step, "tflops": model_flops / 1e12, "peak_tflops": peak / 1e12,
+            "mfu": model_flops / peak, "hfu": executed / peak, "peak_mem_mb": peak_memory_mb(device)}
 
 
 def main() -> None:
@@ -100,15 +103,17 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| model | batch | precision | samples/s | step ms | TFLOP/s | matmul peak TFLOP/s | MFU | peak mem MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | batch | precision | samples/s | step ms | model TFLOP/s | matmul peak TFLOP/s | MFU | HFU "
+          "| peak mem MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         for precision in args.precision:
             job = (name, args.batch_size, resolve_precision(precision, device), device, args.steps, args.warmup)
             with mp.get_context("spawn").Pool(1) as pool:  # a fresh process each, so peak memory is its own
                 r = pool.apply(bench, job)
             print(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['samples_per_s']:.1f} | {r['step_ms']:.0f} "
-                  f"| {r['tflops']:.3f} | {r['peak_tflops']:.3f} | {100 * r['mfu']:.1f}% | {r['peak_mem_mb']:.0f} |",
+                  f"| {r['tflops']:.3f} | {r['peak_tflops']:.3f} | {100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% "
+                  f"| {r['peak_mem_mb']:.0f} |",
                   flush=True)
 
 

@@ -158,6 +158,7 @@ class TrainSection:
     compile: bool = False               # wrap the model in torch.compile (uncompiled, with a warning, if it fails)
     grad_checkpointing: bool = False    # recompute block activations in backward to save memory
     channels_last: bool | None = None   # NHWC images and conv weights; null: on CUDA when the image tower has convolutions
+    keep_freed_memory: bool = True      # CPU runs: freed host memory stays in the process (glibc), no page faults per step
     lock_image: bool = False            # LiT: freeze the image tower (e.g. a pretrained one)...
     lock_image_unlocked: int = 0        # ...except its last N blocks, final norm and projection (timm: layer groups)
     lock_text: bool = False             # freeze the text tower...

@@ -1,4 +1,10 @@
-"""Matmul FLOP counts of a forward pass, for model FLOP utilisation (MFU)."""
+"""Matmul FLOP counts of a forward pass, for model and hardware FLOP utilisation (MFU, HFU).
+
+MFU counts the model's FLOPs as its architecture defines them, whatever the implementation does: every
+position of every block, as published FLOP tables and fvcore-style profilers count a CLIP
+(`pooled_last_block=False`). Two implementations of the same model then have the same count, and their
+MFU ratio is their throughput ratio. HFU counts what cliptrain executes (`pooled_last_block=True`: each
+tower's last block computes only the position its features come from), so HFU <= MFU (activation checkpointing's recomputation is not counted)."""
 from __future__ import annotations
 
 from cliptrain.models.config import CLIPConfig, VisionConfig

@@ -24,6 +24,7 @@ from cliptrain.models.convert.text_tokenizers import load_tokenizer
 from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import check_output_dir, checkpoint_size
+from cliptrain.training.host_memory import keep_freed_memory
 from cliptrain.training.trainer import Trainer
 from cliptrain.transforms import image_transform
 
@@ -188,6 +189,8 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.keep_freed_memory and world.device.type == "cpu":
+        keep_freed_memory()
     if cfg.train.batch_size % (world.world_size * cfg.train.accum_steps):
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes "
                           f"({world.world_size}) times train.accum_steps ({cfg.train.accum_steps})")
