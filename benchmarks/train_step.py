@@ -22,6 +22,7 @@ import torch
 from cliptrain.losses import ContrastiveLoss
 from cliptrain.models import create_model
 from cliptrain.models.flops import train_flops
+from cliptrain.training.host_memory import keep_freed_memory
 from cliptrain.training.optim import build_optimizer
 from cliptrain.config import OptimSection
 from cliptrain.training.precision import DTYPES, resolve_precision
@@ -67,6 +68,8 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
 
 
 def bench(name: str, batch: int, precision: str, device: torch.device, steps: int, warmup: int) -> dict:
+    if device.type == "cpu":
+        keep_freed_memory()                   # as cliptrain's trainer does on CPU (train.keep_freed_memory)
     torch.manual_seed(0)
     model = create_model(name).to(device)
     cfg = model.cfg
