@@ -160,8 +160,8 @@ def main() -> int:
         print("open_clip is not installed (pip install open_clip_torch): nothing to compare against.")
         return 0
     print(f"device {args.device}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
-          f"{args.threads or torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} alternating repeats, "
-          f"freed host memory kept by: {args.keep_freed_memory}")
+          f"{args.threads or torch.get_num_threads()} threads, batch {args.batch}, "
+          f"{args.repeats} alternating repeats, freed host memory kept by: {args.keep_freed_memory}")
     print("| shape | precision | mode | open_clip samples/s | ours samples/s | ours / open_clip | open_clip MFU | ours MFU "
           "| ours HFU | open_clip peak MiB | ours peak MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -8,7 +8,7 @@ import pytest
 
 from cliptrain.training.host_memory import keep_freed_memory
 from cliptrain.training.setup import build_trainer
-from tests.conftest import micro_config
+from conftest import micro_config
 
 # Counts the page faults of a step-like pattern: four 24 MiB tensors allocated, written and freed, eight
 # times. The baseline pins glibc's documented static defaults (128 KiB mmap and trim thresholds), under

@@ -4,7 +4,8 @@ MFU counts the model's FLOPs as its architecture defines them, whatever the impl
 position of every block, as published FLOP tables and fvcore-style profilers count a CLIP
 (`pooled_last_block=False`). Two implementations of the same model then have the same count, and their
 MFU ratio is their throughput ratio. HFU counts what cliptrain executes (`pooled_last_block=True`: each
-tower's last block computes only the position its features come from), so HFU <= MFU (activation checkpointing's recomputation is not counted)."""
+tower's last block computes only the position its features come from), so HFU <= MFU; activation
+checkpointing's recomputation is counted in neither."""
 from __future__ import annotations
 
 from cliptrain.models.config import CLIPConfig, VisionConfig
