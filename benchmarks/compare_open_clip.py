@@ -53,9 +53,9 @@ def _setup_process(threads: int | None, keep_memory: bool, device: str) -> None:
     """Torch threads, and on CPU whether freed host memory stays in the process (as cliptrain's trainer does)."""
     if threads:
         torch.set_num_threads(threads)
-    if keep_memory and torch.device(device).type == "cpu":
+    if keep_memory:
         from cliptrain.training.host_memory import keep_freed_memory
-        keep_freed_memory()
+        keep_freed_memory(device)
 
 
 def run_open_clip(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str,

@@ -68,8 +68,7 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
 
 
 def bench(name: str, batch: int, precision: str, device: torch.device, steps: int, warmup: int) -> dict:
-    if device.type == "cpu":
-        keep_freed_memory()                   # as cliptrain's trainer does on CPU (train.keep_freed_memory)
+    keep_freed_memory(device)                 # as cliptrain's trainer does on CPU (train.keep_freed_memory)
     torch.manual_seed(0)
     model = create_model(name).to(device)
     cfg = model.cfg

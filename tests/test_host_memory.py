@@ -54,4 +54,5 @@ def test_a_cpu_run_keeps_freed_memory_unless_told_not_to(tmp_path, capsys, setti
 
 
 def test_keep_freed_memory_reports_whether_it_applied():
-    assert keep_freed_memory() is sys.platform.startswith("linux")
+    assert keep_freed_memory("cpu") is sys.platform.startswith("linux")
+    assert keep_freed_memory("cuda") is False       # a GPU run's tensors are not in the C library's heap

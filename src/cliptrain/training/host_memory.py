@@ -14,16 +14,19 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import torch
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 << 20   # glibc's cap on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
 NEVER_TRIM = 2 ** 31 - 1        # mallopt takes an int
 
 
-def keep_freed_memory() -> bool:
-    """Tell the C library to keep freed memory for reuse (process-wide, for the rest of the process). True when
-    applied (Linux with glibc); False where the C library has no such setting, which changes nothing."""
-    if not sys.platform.startswith("linux"):
+def keep_freed_memory(device: torch.device | str = "cpu") -> bool:
+    """For a run on `device`: tell the C library to keep freed memory for reuse (process-wide, for the rest of
+    the process). True when applied (a CPU run, Linux with glibc); False for a GPU run (its tensors live in
+    the CUDA caching allocator) or where the C library has no such setting, which changes nothing."""
+    if torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -189,10 +189,8 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if cfg.train.keep_freed_memory and world.device.type == "cpu":
-        kept = keep_freed_memory()                 # process-wide; False (and nothing changed) off glibc
-        if kept and world.is_main:
-            print("freed host memory is kept for reuse by later steps (train.keep_freed_memory)")
+    if cfg.train.keep_freed_memory and keep_freed_memory(world.device) and world.is_main:
+        print("freed host memory is kept for reuse by later steps (train.keep_freed_memory)")
     if cfg.train.batch_size % (world.world_size * cfg.train.accum_steps):
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes "
                           f"({world.world_size}) times train.accum_steps ({cfg.train.accum_steps})")
