@@ -142,9 +142,8 @@ def test_last_block_computes_only_the_pooled_position(name, arch):
                                        ("coca-tiny", {"vision": {"layers": 2, "stem": "conv"}})])
 def test_forward_flops_match_torch_flop_counter(name, arch):
     # The analytic count equals what torch counts on the model as built (matmuls, attention, patch convolution or
-    # conv stem),
-    # with the towers' last blocks at the pooled position alone (CLIP) or at every position (CoCa's decoder
-    # reads them all); the plain count is what an implementation without that saving does.
+    # conv stem), with the towers' last blocks at the pooled position alone (CLIP) or at every position (CoCa's
+    # decoder reads them all); the plain count is what an implementation without that saving does.
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -185,6 +184,8 @@ def test_eval_features_of_identical_inputs_are_bit_identical_in_any_batch():
                     assert torch.equal(whole, parts)
                 else:
                     assert torch.allclose(whole, parts, atol=1e-6)
+
+
 def test_conv_stem_is_a_switch_and_the_patch_stem_stays_the_default():
     # `tiny` as built before vision.stem existed: 1,583,489 parameters in 98 tensors, patch_embed one 8x8 conv.
     default, patch = create_model("tiny"), create_model("tiny", vision={"stem": "patch"})
