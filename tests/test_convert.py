@@ -410,6 +410,8 @@ def test_coca_variants_cliptrain_cannot_represent_are_refused():
     from cliptrain.models.coca import CoCa
     with pytest.raises(ValueError, match="CoCa models do not export to open_clip"):
         export_open_clip(CoCa(cfg), None, Preprocess(32), "unused")
+
+
 def test_a_conv_stem_model_is_refused_by_both_exports():
     from cliptrain.models.convert.hf import config_to_hf_clip
     from cliptrain.models.convert.open_clip import config_to_open_clip
@@ -419,4 +421,5 @@ def test_a_conv_stem_model_is_refused_by_both_exports():
         with pytest.raises(ValueError, match="this model has vision.stem conv"):
             export(cfg)
     cfg.vision.stem = "patch"
-    assert config_to_open_clip(cfg)["vision_cfg"]["patch_size"] == 8 == config_to_hf_clip(cfg)["vision_config"]["patch_size"]
+    assert config_to_open_clip(cfg)["vision_cfg"]["patch_size"] == 8
+    assert config_to_hf_clip(cfg)["vision_config"]["patch_size"] == 8
