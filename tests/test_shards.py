@@ -198,3 +198,21 @@ def test_shard_workers_persist_across_epochs(tmp_path):
     second = [b.indices.tolist() for b in again]
     assert loader._iterator._workers[0].pid == pids and pids != os.getpid()   # the same worker processes
     assert first == epoch_ids(fresh, 0, 0, 1, 2) and second == epoch_ids(fresh, 1, 0, 1, 2, start=1)
+
+
+def test_dropping_a_stream_stops_its_workers_at_once(tmp_path):
+    # No reference cycle holds the workers: they stop when the last reference goes, not at a later garbage
+    # collection (where torch's shutdown would wait 5 s per worker for queues already closed).
+    import gc
+    write_shards(tmp_path, [12, 12], sizes_json=True)
+    ds = stream(str(tmp_path), batch_size=6)
+    loader = ds.loader(0, 0, 0, 1, 2)
+    assert len(list(loader)) == 4
+    workers = list(loader._iterator._workers)
+    assert all(w.is_alive() for w in workers)
+    gc.disable()
+    try:
+        del ds, loader
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        gc.enable()

@@ -25,6 +25,7 @@ very start of a slot, the next good one), so batch shapes never change; each one
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 from collections import deque
@@ -189,7 +190,10 @@ class ShardStream(IterableDataset):
         key = (workers, pin_memory, worker_init_fn)
         if self._loader is None or self._loader_key != key:
             self._loader_key = key
-            self._loader = DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+            # The loader gets a copy without the loader (see __getstate__): no reference cycle, so dropping this
+            # stream stops its workers at once. (Collected as a cycle, torch would close the worker queues
+            # before its shutdown could use them, and wait 5 s per worker.)
+            self._loader = DataLoader(copy.copy(self), batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                       persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
                                       worker_init_fn=worker_init_fn if workers else None)
         return self._loader
