@@ -17,6 +17,8 @@ the matmul peak measured in the same process; HFU = the matmul FLOP/s that side 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import multiprocessing as mp
 import statistics
 import sys
@@ -154,12 +156,14 @@ def main() -> int:
                         help="which side keeps freed host memory for reuse (glibc; cliptrain's trainer does this on "
                              "CPU by default, train.keep_freed_memory)")
     args = parser.parse_args()
-    try:
-        import open_clip
-    except ImportError:
+    if importlib.util.find_spec("open_clip") is None:   # found, not imported: the measured processes import it
         print("open_clip is not installed (pip install open_clip_torch): nothing to compare against.")
         return 0
-    print(f"device {args.device}, torch {torch.__version__}, open_clip {open_clip.__version__}, "
+    try:
+        version = importlib.metadata.version("open_clip_torch")
+    except importlib.metadata.PackageNotFoundError:    # a source checkout on the path
+        version = "(version unknown)"
+    print(f"device {args.device}, torch {torch.__version__}, open_clip {version}, "
           f"{args.threads or torch.get_num_threads()} threads, batch {args.batch}, "
           f"{args.repeats} alternating repeats, freed host memory kept by: {args.keep_freed_memory}")
     print("| shape | precision | mode | open_clip samples/s | ours samples/s | ours / open_clip | open_clip MFU | ours MFU "
