@@ -9,10 +9,11 @@ two implementations alternate (A B A B ...) so drifts of the machine hit both, a
 the median over repeats of each process's median step.
 
 What one step is, on both sides: zero_grad, autocast forward of the two towers, the contrastive
-loss (open_clip: its ClipLoss; ours: the configured objective), backward, AdamW step with torch's
-default implementation choice, logit-scale clamp. No gradient clipping on either side (open_clip's
-default). MFU = the model's matmul FLOP/s (every position of every block, the same count for both sides) /
-the matmul peak measured in the same process; HFU = the matmul FLOP/s that side executes / that peak.
+loss (open_clip: its ClipLoss; ours: the configured objective), backward, AdamW step (each side as its
+trainer builds it: open_clip torch's default, foreach on a GPU and a per-tensor loop on CPU; ours fused,
+see training/optim.py), logit-scale clamp. No gradient clipping on either side (open_clip's default).
+MFU = the model's matmul FLOP/s (every position of every block, the same count for both sides) / the
+matmul peak measured in the same process; HFU = the matmul FLOP/s that side executes / that peak.
 """
 from __future__ import annotations
 

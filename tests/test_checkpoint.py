@@ -76,6 +76,29 @@ def test_rng_state_round_trip():
     assert torch.equal(torch.rand(3), a)
 
 
+def test_each_rank_continues_its_own_random_stream():
+    states = []
+    for rank in range(2):
+        ckpt.seed_rng(7, rank)
+        states.append(json.loads(json.dumps(ckpt.rng_state())))
+        states[-1]["next"] = torch.rand(3)
+    assert not torch.equal(states[0]["next"], states[1]["next"])
+    for rank in (1, 0):
+        assert ckpt.restore_rng(states, rank, 2, seed=7, step=5)
+        assert torch.equal(torch.rand(3), states[rank]["next"])
+    # Another number of processes: fresh streams, distinct per rank and from the saved ones' start.
+    draws = []
+    for rank in range(3):
+        assert not ckpt.restore_rng(states, rank, 3, seed=7, step=5)
+        draws.append(torch.rand(3))
+        ckpt.seed_rng(7, rank, 5)
+        assert torch.equal(torch.rand(3), draws[-1])
+    assert len({tuple(d.tolist()) for d in draws + [s["next"] for s in states]}) == 5
+    # A checkpoint from before per-rank states (one dict: rank 0's) continues in one process.
+    assert ckpt.restore_rng(states[1], 0, 1, seed=7, step=5)
+    assert torch.equal(torch.rand(3), states[1]["next"])
+
+
 def test_saving_a_step_again_replaces_it_whole(tmp_path):
     first = create_model("tiny", **MICRO_ARCH)
     save(tmp_path, 5, first)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptrain.data import Collate, EpochSampler, PairDataset, make_loader
+from cliptrain.data import Batch, Collate, EpochSampler, PairDataset, make_loader
 from cliptrain.data.shapes import ShapesDataset
 from cliptrain.data.tables import TableSource, read_captions
 from cliptrain.tokenizer import train_bpe
@@ -96,3 +96,15 @@ def test_parquet_and_caption_lists(tmp_path):
     drawn = {ds[(epoch, 0)][1] for epoch in range(12)}
     assert drawn == {"a red square", "red"}                     # one caption per epoch, both used
     assert ds[(3, 0)][1] == ds[(3, 0)][1]                        # a pure function of (seed, epoch, index)
+
+
+def test_a_batch_pins_the_tensors_that_go_to_the_gpu(monkeypatch):
+    # DataLoader(pin_memory=True) pins a custom batch type through its pin_memory() method; pinning needs a
+    # GPU, so torch's Tensor.pin_memory is replaced by a recording copy here.
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t.clone())
+    batch = Batch(torch.rand(2, 3, 4, 4), torch.ones(2, 5, dtype=torch.long), torch.arange(2), (("decode", "k", ""),))
+    out = batch.pin_memory()
+    assert isinstance(out, Batch) and [id(t) for t in pinned] == [id(batch.images), id(batch.texts)]
+    assert torch.equal(out.images, batch.images) and torch.equal(out.texts, batch.texts)
+    assert out.indices is batch.indices and out.bad == batch.bad

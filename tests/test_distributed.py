@@ -110,6 +110,20 @@ def test_resume_across_process_counts(tmp_path, reference, strategy):
     assert_close(weights(tmp_path / "b"), weights(reference))
 
 
+def test_a_resume_continues_the_random_stream_of_every_rank(tmp_path):
+    # Patch dropout draws from each rank's own stream: a 2-process resume restores both, so it ends where
+    # the uninterrupted run ends (with rank 0's stream on both ranks, rank 1 would drop other patches).
+    from conftest import MICRO_ARCH
+    model = {"arch": {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], "patch_dropout": 0.5}}}
+    run(write_config(tmp_path, "a", model=model, train={"accum_steps": 1}), 2)
+    step3 = ckpt.checkpoint_dir(tmp_path / "a", 3)
+    rng = json.loads((step3 / "state.json").read_text())["rng"]
+    assert len(rng) == 2 and rng[0] != rng[1]
+    out = run(write_config(tmp_path, "b", model=model, train={"accum_steps": 1, "resume": str(step3)}), 2)
+    assert f"resumed from {step3} at step 3" in out.stdout and "random streams" not in out.stdout
+    assert_close(weights(tmp_path / "b"), weights(tmp_path / "a"), tol=1e-7)
+
+
 def test_killing_one_rank_stops_the_other_within_the_timeout(tmp_path):
     config = write_config(tmp_path, "kill", train={"steps": 100000, "save_every": 0, "accum_steps": 1},
                           dist={"timeout_s": 20})

@@ -6,7 +6,7 @@ import torch
 from cliptrain.models import create_model
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.optim import param_groups
-from cliptrain.training.precision import grad_scaler, resolve_precision
+from cliptrain.training.precision import grad_scaler, resolve_precision, use_tf32
 from cliptrain.training.setup import build_trainer
 
 from conftest import MICRO_ARCH, micro_config
@@ -19,6 +19,19 @@ def test_auto_precision_follows_the_hardware():
     assert resolve_precision("auto", cpu) == ("bf16" if has_bf16 else "fp32")
     assert resolve_precision("fp16", cpu) == "fp16"
     assert grad_scaler("fp16", cpu).is_enabled() and not grad_scaler("bf16", cpu).is_enabled()
+
+
+def test_tf32_is_set_for_cuda_runs_only():
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        assert not use_tf32(True, torch.device("cpu")) and torch.get_float32_matmul_precision() == before[0]
+        assert use_tf32(True, torch.device("cuda"))           # flags only: no GPU needed to set them
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        assert not use_tf32(False, torch.device("cuda"))
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 def first_grad_norm(tmp_path, precision):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.setup import build_trainer
 
-from conftest import micro_config
+from conftest import MICRO_ARCH, micro_config
 
 
 def final_weights(run_dir):
@@ -18,15 +18,18 @@ def final_weights(run_dir):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_stop_and_resume_is_bit_identical(tmp_path, accum):
     # 256 samples / batch 32 = 8 steps per epoch; 12 steps cross an epoch boundary, the stop is mid-epoch.
-    straight = micro_config(tmp_path / "a", train={"steps": 12, "accum_steps": accum, "log_every": 1})
+    # Patch dropout draws from the step-time random stream, which the resume must continue (and which
+    # starting a data loader must not move).
+    model = {"arch": {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], "patch_dropout": 0.5}}}
+    straight = micro_config(tmp_path / "a", model=model, train={"steps": 12, "accum_steps": accum, "log_every": 1})
     build_trainer(straight).fit()
 
-    first = micro_config(tmp_path / "b", train={"steps": 12, "accum_steps": accum, "log_every": 1})
+    first = micro_config(tmp_path / "b", model=model, train={"steps": 12, "accum_steps": accum, "log_every": 1})
     build_trainer(first).fit(stop_at=5)
     state = json.loads((ckpt.list_checkpoints(tmp_path / "b" / "run")[-1] / "state.json").read_text())
     assert (state["step"], state["epoch"], state["samples_in_epoch"]) == (5, 0, 160)
-    resumed = micro_config(tmp_path / "b", train={"steps": 12, "accum_steps": accum, "log_every": 1,
-                                                  "resume": "latest"})
+    resumed = micro_config(tmp_path / "b", model=model, train={"steps": 12, "accum_steps": accum, "log_every": 1,
+                                                               "resume": "latest"})
     trainer = build_trainer(resumed)
     assert trainer.step == 5
     trainer.fit()
@@ -68,7 +71,6 @@ def test_resume_refuses_a_changed_run(tmp_path, change, message):
     sections = {k: dict(v) for k, v in change.items()}
     sections.setdefault("train", {}).update({"resume": "latest", "steps": 4})
     if "model" in sections:
-        from conftest import MICRO_ARCH
         arch = {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], **sections["model"]["arch"]["vision"]}}
         sections["model"] = {"arch": arch}
     with pytest.raises(ValueError) as info:

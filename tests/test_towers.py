@@ -334,3 +334,7 @@ def test_channels_last_trains_a_convolutional_tower_to_the_same_weights(tmp_path
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert use_channels_last(None, resnet, cuda) and not use_channels_last(None, resnet, cpu)
     assert not use_channels_last(None, vit, cuda) and use_channels_last(True, vit, cpu)
+    # FSDP2 shards only contiguous parameters: unset means off, and asking for it is an error.
+    assert not use_channels_last(None, resnet, cuda, sharded=True)
+    with pytest.raises(ValueError, match="FSDP2 cannot shard"):
+        use_channels_last(True, resnet, cuda, sharded=True)

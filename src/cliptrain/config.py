@@ -159,6 +159,7 @@ class TrainSection:
     grad_checkpointing: bool = False    # recompute block activations in backward to save memory
     channels_last: bool | None = None   # NHWC images and conv weights; null: on CUDA when the image tower has convolutions
     keep_freed_memory: bool = True      # CPU runs: freed host memory stays in the process (glibc), no page faults per step
+    tf32: bool = True                   # CUDA runs: float32 matmuls and convolutions on TF32 tensor cores (Ampere+)
     lock_image: bool = False            # LiT: freeze the image tower (e.g. a pretrained one)...
     lock_image_unlocked: int = 0        # ...except its last N blocks, final norm and projection (timm: layer groups)
     lock_text: bool = False             # freeze the text tower...

@@ -179,6 +179,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_object(obj) -> list:
+    """`obj` of every rank, in rank order (a collective; [obj] in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _error_key(rank: int) -> str:
     return f"cliptrain/error/{rank}"
 

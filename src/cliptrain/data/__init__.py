@@ -39,6 +39,11 @@ class Batch:
         images = self.images.to(device, non_blocking=nb, memory_format=memory_format)
         return Batch(images, self.texts.to(device, non_blocking=nb), self.indices, self.bad)
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies of the tensors that go to the GPU (a DataLoader with pin_memory=True calls this
+        for a custom batch type), so that `to(cuda)` is an asynchronous copy."""
+        return Batch(self.images.pin_memory(), self.texts.pin_memory(), self.indices, self.bad)
+
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of one sample in one epoch."""
@@ -185,6 +190,14 @@ class Collate:
         return Batch(pixels, self.tokenizer(list(captions)), torch.tensor(indices), bad)
 
 
+def loader_generator() -> torch.Generator:
+    """A DataLoader's own generator. Without one, each new iterator draws its workers' base seed from the
+    global RNG, which shifts the step-time random streams (dropout, patch dropout) by when loaders start:
+    a resumed run, or one that evaluates, would draw other masks. Our data randomness is keyed by sample,
+    so the base seed needs no randomness of its own."""
+    return torch.Generator()
+
+
 def make_loader(dataset: PairDataset, tokenizer: Callable, batch_size: int, sampler: EpochSampler,
                 workers: int = 0, pin_memory: bool = False, worker_init_fn: Callable | None = None,
                 persistent: bool = False) -> DataLoader:
@@ -193,7 +206,8 @@ def make_loader(dataset: PairDataset, tokenizer: Callable, batch_size: int, samp
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                       collate_fn=Collate(tokenizer, dataset.transform.normalize), num_workers=workers,
                       pin_memory=pin_memory, drop_last=False, persistent_workers=persistent and workers > 0,
-                      prefetch_factor=4 if workers else None, worker_init_fn=worker_init_fn if workers else None)
+                      prefetch_factor=4 if workers else None, worker_init_fn=worker_init_fn if workers else None,
+                      generator=loader_generator())
 
 
 def shutdown_loader(loader: DataLoader | None) -> None:

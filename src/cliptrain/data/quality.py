@@ -24,8 +24,10 @@ class DataQuality:
     early bad sample does not read as a high fraction.
     """
 
-    def __init__(self, max_fraction: float = 0.05, min_samples: int = 1000, examples: int = 5):
+    def __init__(self, max_fraction: float = 0.05, min_samples: int = 1000, examples: int = 5,
+                 device: torch.device | str = "cpu"):
         self.max_fraction, self.min_samples, self.keep = max_fraction, min_samples, examples
+        self.device = torch.device(device)  # where the counts are summed: NCCL reduces only GPU tensors
         self.run: Counter = Counter()     # "seen" plus one entry per reason; synced totals
         self.epoch: Counter = Counter()
         self.pending: Counter = Counter()  # this rank's counts since the last sync
@@ -48,7 +50,7 @@ class DataQuality:
     def sync(self) -> None:
         """Add every rank's pending counts to the totals (a collective under torch.distributed)."""
         keys = ("seen", *REASONS)
-        counts = sum_over_ranks(torch.tensor([self.pending[k] for k in keys], dtype=torch.float64))
+        counts = sum_over_ranks(torch.tensor([self.pending[k] for k in keys], dtype=torch.int64, device=self.device))
         delta = Counter({k: int(v) for k, v in zip(keys, counts.tolist()) if v})
         self.run.update(delta)
         self.epoch.update(delta)

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cliptrain.data import Collate, augment, shutdown_loader
+from cliptrain.data import Collate, augment, loader_generator, shutdown_loader
 from cliptrain.data.samples import (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, BadSample, decode_caption, decode_image)
 from cliptrain.data.shards import ShardError, group_samples, iter_tar, open_url, parse_sources, shard_sizes
 
@@ -195,7 +195,8 @@ class ShardStream(IterableDataset):
             # before its shutdown could use them, and wait 5 s per worker.)
             self._loader = DataLoader(copy.copy(self), batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                       persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
-                                      worker_init_fn=worker_init_fn if workers else None)
+                                      worker_init_fn=worker_init_fn if workers else None,
+                                      generator=loader_generator())
         return self._loader
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cliptrain.data import loader_generator
 from cliptrain.data.samples import FILE_IMAGE_SUFFIXES, BadSample, open_image_file
 from cliptrain.data.tables import read_rows
 from cliptrain.training.precision import autocast
@@ -186,7 +187,7 @@ def encode_images(model, paths: Sequence[str], transform, device: torch.device, 
     so every PIL mode is converted to RGB the same way as in training.
     """
     loader = DataLoader(_Images(list(paths), transform.to_uint8), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=_collate)
+                        num_workers=workers, collate_fn=_collate, generator=loader_generator())
     feats, kept, failed = [], [], []
     for pixels, idx, bad in loader:
         failed += [(paths[i], err) for i, err in bad]

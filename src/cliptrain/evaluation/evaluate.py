@@ -89,7 +89,8 @@ def contrastive_val_loss(image_features: torch.Tensor, text_features: torch.Tens
     for a, b in ((image_features, text_features), (text_features, image_features)):
         for start in range(0, n, chunk_size):
             logits = logit_scale * a[start:start + chunk_size] @ b.T
-            pos = logits[torch.arange(logits.shape[0]), torch.arange(start, start + logits.shape[0])]
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            pos = logits[rows, rows + start]
             total += float((torch.logsumexp(logits, dim=1) - pos).sum())
     return total / (2 * n)
 
@@ -102,14 +103,15 @@ def evaluate(model: nn.Module, evalset: EvalSet, tokenizer: Callable, device: to
     model.eval()
     img, txt = encode_pairs(model, evalset.dataset, tokenizer, device, precision, batch_size, workers)
     results: dict[str, float] = {"samples": float(img.shape[0])}
+    on_device = img.to(device), txt.to(device)  # the N x N work runs on the GPU when there is one
     if val_loss:
         scale = float(model.logit_scale.detach().exp())
-        results["val_loss"] = contrastive_val_loss(img, txt, scale)
+        results["val_loss"] = contrastive_val_loss(*on_device, scale)
         if is_captioner(model):
             results["val_caption_loss"] = caption_val_loss(model, evalset.dataset, tokenizer, device, precision,
                                                            batch_size, workers)
     if retrieval:
-        results.update(retrieval_metrics(img.to(device), txt.to(device)))  # on the GPU when there is one
+        results.update(retrieval_metrics(*on_device))
     if zeroshot and evalset.labels is not None and evalset.class_names:
         with torch.no_grad(), autocast(precision, device):
             classifier = build_classifier(lambda t: model.encode_text(t).float(), tokenizer,

@@ -56,21 +56,50 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def rng_state() -> dict:
-    """RNG states of torch (CPU and CUDA) as JSON-safe values (data randomness is keyed by sample, not RNG state)."""
-    enc = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
-    state = {"torch": enc(torch.get_rng_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = [enc(s) for s in torch.cuda.get_rng_state_all()]
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG states as JSON-safe values: torch's CPU generator and, on a GPU, that device's (data
+    randomness is keyed by sample, not RNG state)."""
+    state = {"torch": _encode(torch.get_rng_state())}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = _encode(torch.cuda.get_rng_state(device))
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     """Restore what `rng_state` returned."""
-    dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(dec(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([dec(s) for s in state["cuda"]])
+    torch.set_rng_state(_decode(state["torch"]))
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints before 2026-11-27 held every visible GPU's state
+        cuda = cuda[device.index or 0] if device is not None and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(_decode(cuda), device)
+
+
+def seed_rng(seed: int, rank: int = 0, step: int = 0) -> None:
+    """Seed the step-time randomness (dropout, patch dropout) of `rank`: different on every rank, and, from a
+    resume on another number of processes, different from the streams of the first `step` steps."""
+    torch.manual_seed(seed + 1_000_003 * rank + 7_919 * step)
+
+
+def restore_rng(saved: dict | list, rank: int, world_size: int, seed: int, step: int,
+                device: torch.device | None = None) -> bool:
+    """Continue each rank's random streams from a checkpoint's per-rank states (`saved`, in rank order); with
+    another number of processes they cannot continue, and each rank is seeded afresh (`seed_rng`). Returns
+    whether the saved streams continue."""
+    per_rank = saved if isinstance(saved, list) else [saved]  # before 2026-11-27: rank 0's states only
+    if len(per_rank) == world_size:
+        set_rng_state(per_rank[rank], device)
+        return True
+    seed_rng(seed, rank, step)
+    return False
+
+
+def _encode(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def _sha256(path: Path) -> str:
@@ -240,7 +269,7 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
 
 
 def load_training_state(directory: str | Path) -> tuple[dict, dict]:
-    """(optimizer.pt contents, state.json) of a checkpoint, with the RNG states restored.
+    """(optimizer.pt contents, state.json) of a checkpoint (its RNG states: see `restore_rng`).
 
     optimizer.pt is read with weights_only=True, so a pickle that would run code is refused.
     """
@@ -248,7 +277,6 @@ def load_training_state(directory: str | Path) -> tuple[dict, dict]:
     name = "optimizer.pt" if (directory / "optimizer.pt").is_file() else "scaler.pt"
     blob = torch.load(directory / name, map_location="cpu", weights_only=True) if (directory / name).is_file() else {}
     state = json.loads((directory / "state.json").read_text())
-    set_rng_state(state["rng"])
     return blob, state
 
 

@@ -10,8 +10,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls are hardware-accelerated on `device` (Ampere+ GPU, or a CPU with AVX-512 BF16 / AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not is_bf16_supported(): it also says yes where bf16 is emulated (pre-Ampere)
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         capability = torch.backends.cpu.get_cpu_capability()
         if capability in ("AVX512_BF16", "AMX"):
@@ -22,6 +22,17 @@ def fast_bf16(device: torch.device) -> bool:
             return False
         return " avx512_bf16" in flags or " amx_bf16" in flags
     return False
+
+
+def use_tf32(enabled: bool, device: torch.device) -> bool:
+    """On CUDA, let float32 matmuls and convolutions run on TF32 tensor cores (Ampere and later: about 8x the
+    full-fp32 rate, with a 10-bit mantissa per product), or forbid it; elsewhere nothing changes. Returns
+    whether TF32 is now allowed."""
+    if device.type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

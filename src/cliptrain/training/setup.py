@@ -25,6 +25,7 @@ from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
 from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import check_output_dir, checkpoint_size
 from cliptrain.training.host_memory import keep_freed_memory
+from cliptrain.training.precision import use_tf32
 from cliptrain.training.trainer import Trainer
 from cliptrain.transforms import image_transform
 
@@ -191,6 +192,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.keep_freed_memory and keep_freed_memory(world.device) and world.is_main:
         print("freed host memory is kept for reuse by later steps (train.keep_freed_memory)")
+    use_tf32(cfg.train.tf32, world.device)
     if cfg.train.batch_size % (world.world_size * cfg.train.accum_steps):
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes "
                           f"({world.world_size}) times train.accum_steps ({cfg.train.accum_steps})")
@@ -225,7 +227,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     elif imported is not None:
         imported.load_into(model)
     cfg = preprocessing_from_model(cfg, model)
-    torch.manual_seed(cfg.train.seed + 1_000_003 * world.rank)  # step-time randomness differs per rank
+    ckpt.seed_rng(cfg.train.seed, world.rank)  # step-time randomness differs per rank
     a = cfg.augment
     train_data = build_train_data(cfg, train_src, image_transform(size, True, a.mean, a.std, a.interpolation,
                                                                    a.scale), tokenizer)

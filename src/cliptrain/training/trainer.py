@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cliptrain.config import RunConfig, to_dict
-from cliptrain.distributed import World, barrier
+from cliptrain.distributed import World, barrier, broadcast_object, gather_object
 from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader, shutdown_loader
 from cliptrain.data.quality import DataQuality
 from cliptrain.data.streaming import ShardStream
@@ -28,14 +28,19 @@ from cliptrain.training.step import device_rng_state, forward_backward, set_devi
 
 
 
-def use_channels_last(setting: bool | None, model: nn.Module, device: torch.device) -> bool:
+def use_channels_last(setting: bool | None, model: nn.Module, device: torch.device, sharded: bool = False) -> bool:
     """Whether to train with NHWC images and image-tower weights (`train.channels_last`). Unset: on CUDA, when
     the image tower has convolutions proper (kernel unlike stride: a ViT's patch embedding is a matmul), where
-    cuDNN's NHWC kernels are the fast ones; on this project's CPUs it measured the same either way."""
+    cuDNN's NHWC kernels are the fast ones; on this project's CPUs it measured the same either way. Never when
+    FSDP2 shards the model (`sharded`): it takes only contiguous parameters, and NHWC weights are not."""
+    if sharded and setting:
+        raise ValueError("train.channels_last stores the image tower's weights as NHWC, which FSDP2 cannot shard "
+                         "(it takes only contiguous parameters): use dist.strategy ddp, or leave "
+                         "train.channels_last unset (off under fsdp)")
     if setting is not None:
         return setting
     convolutions = any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.visual.modules())
-    return device.type == "cuda" and convolutions
+    return device.type == "cuda" and convolutions and not sharded
 
 
 class Trainer:
@@ -50,7 +55,8 @@ class Trainer:
         self.device = self.world.device
         model = model.to(self.device)
         self.memory_format = torch.contiguous_format
-        if use_channels_last(cfg.train.channels_last, model, self.device):
+        sharded = self.world.distributed and cfg.dist.strategy == "fsdp"
+        if use_channels_last(cfg.train.channels_last, model, self.device, sharded):
             self.memory_format = torch.channels_last
             model.visual.to(memory_format=self.memory_format)
         model.set_grad_checkpointing(cfg.train.grad_checkpointing)
@@ -82,7 +88,7 @@ class Trainer:
         self.step = 0
         self.guard = NonFiniteGuard(cfg.train.nonfinite_limit, self.run_dir)
         self.stop = StopSignals()
-        self.quality = DataQuality(cfg.data.max_bad_fraction)
+        self.quality = DataQuality(cfg.data.max_bad_fraction, device=self.device)
         self._loader = self._sampler = None
         self.meters: dict[str, Meter] = {}
         self.sinks: MetricSinks | None = None
@@ -166,7 +172,9 @@ class Trainer:
                     if (at_epoch_end and every and (epoch + 1) % every == 0 and self.step < self.total_steps
                             and not self.stop.received):
                         self.run_eval()
-                if not ckpt.checkpoint_dir(self.run_dir, self.step).exists():
+                # rank 0 decides, so that every rank joins the collective save (or none does), whatever
+                # each node's view of a shared file system
+                if not broadcast_object(ckpt.checkpoint_dir(self.run_dir, self.step).exists()):
                     self.save()
             if self.stop.received:
                 self.say(f"stopped at step {self.step}; checkpoint saved; continue with --resume latest")
@@ -285,12 +293,12 @@ class Trainer:
         return results
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict:
-        """What state.json records: position in the run, schedule length and RNG states."""
+    def state(self, rng: list[dict]) -> dict:
+        """What state.json records: position in the run, schedule length and each rank's RNG states (`rng`)."""
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         return {"step": self.step, "epoch": epoch, "batch_in_epoch": in_epoch,
                 "samples_in_epoch": in_epoch * self.cfg.train.batch_size, "total_steps": self.total_steps,
-                "precision": self.precision, "rng": ckpt.rng_state(), "data_order": self._data_order(),
+                "precision": self.precision, "rng": rng, "data_order": self._data_order(),
                 "data_layout": self._data_layout(), "data_quality": self.quality.state_dict()}
 
     def _data_order(self) -> dict:
@@ -314,6 +322,7 @@ class Trainer:
         a message naming the last good checkpoint."""
         path = ckpt.checkpoint_dir(self.run_dir, self.step)
         self.quality.sync()  # every rank saves; state.json then holds the counts of all ranks
+        rng = gather_object(ckpt.rng_state(self.device))  # and the random streams of all ranks
         sharded = self.cfg.dist.checkpoint == "sharded" and is_fsdp(self.model)
         if sharded:  # every rank writes its shards into the staging directory
             staging = ckpt.staging_dir(path)
@@ -329,7 +338,7 @@ class Trainer:
             optimizer_state = optimizer_state_dict(self.model, self.optimizer)  # every rank takes part
         if self.world.is_main:
             try:
-                ckpt.save_checkpoint(path, weights, optimizer_state, self.state(), self.config_yaml(),
+                ckpt.save_checkpoint(path, weights, optimizer_state, self.state(rng), self.config_yaml(),
                                      self.scaler.state_dict(), self.tokenizer, staged=sharded)
             except OSError as exc:
                 good = ckpt.list_checkpoints(self.run_dir)
@@ -356,6 +365,10 @@ class Trainer:
             raise ValueError(f"cannot resume {path} exactly: the data order changed ({'; '.join(changed)}). "
                              f"Resume with the run's train.seed, train.batch_size and training data.")
         self.step = state["step"]
+        if not ckpt.restore_rng(state["rng"], self.world.rank, self.world.world_size, self.cfg.train.seed, self.step,
+                                self.device):
+            self.say(f"note: the checkpoint holds the random streams of another number of processes; each rank "
+                     f"starts a fresh one (dropout and patch dropout draws differ from an uninterrupted run)")
         self.quality.load_state_dict(state.get("data_quality", {}))
         layout = state.get("data_layout", self._data_layout())
         if isinstance(self.train_data, ShardStream) and state["batch_in_epoch"] and layout != self._data_layout():
