@@ -52,6 +52,9 @@ def test_train_then_eval_checkpoint(tmp_path, capsys):
     for key, value in again.items():
         if key != "epoch":
             assert value == pytest.approx(results[key], rel=1e-6, abs=1e-9), key
+    # The run directory stands for its newest checkpoint.
+    assert main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "ev-run")]) == 0
+    assert json.loads((tmp_path / "ev-run" / "results.json").read_text()) == again
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):

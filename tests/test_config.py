@@ -22,6 +22,16 @@ def test_yaml_then_cli_and_round_trip(tmp_path):
     assert load_config() == RunConfig()
 
 
+def test_yaml_booleans_become_the_option_meant(tmp_path):
+    # YAML 1.1 reads an unquoted off as false: a choice that offers 'off' takes it as 'off'.
+    assert load_config(None, ["--train.wandb", "off"]).train.wandb == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  wandb: off\n")
+    assert load_config(path).train.wandb == "off"
+    with pytest.raises(ConfigError, match="train.precision: True is not allowed"):  # no option means "on"
+        load_config(None, ["--train.precision", "on"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--optim.lrr", "1"], "unknown key 'optim.lrr' (did you mean 'lr'?); allowed keys in 'optim': lr, weight_decay, "
                            "betas, eps, schedule, warmup_steps, cooldown_steps, min_lr, grad_clip"),

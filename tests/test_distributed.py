@@ -81,10 +81,13 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("strategy, accum", [("ddp", 2), ("fsdp", 2), ("ddp", 1)])
 def test_two_processes_equal_one(tmp_path, reference, strategy, accum):
     # The reference accumulates 2 micro-batches; accumulation being exact, 1 micro-batch gives the same.
-    out = run(write_config(tmp_path, "two", dist={"strategy": strategy}, train={"accum_steps": accum}), 2)
+    # That case also takes the loss tile by tile (train.loss_tile) on the features gathered from both ranks.
+    train = {"accum_steps": accum, **({"loss_tile": 8} if accum == 1 else {})}
+    out = run(write_config(tmp_path, "two", dist={"strategy": strategy}, train=train), 2)
     assert "processes: 2" in out.stdout
     two = tmp_path / "two"
-    assert_close(weights(two), weights(reference))
+    # (the tiled loss matches the plain one to 1e-5, which six AdamW steps turn into up to 1.5e-5 per tensor)
+    assert_close(weights(two), weights(reference), tol=5e-5 if "loss_tile" in train else 1e-5)
     # Rank 0 alone wrote the logs: one train row per step, same losses as one process.
     rows = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
     ref_rows = [json.loads(line) for line in (reference / "log.jsonl").read_text().splitlines()]
@@ -124,22 +127,46 @@ def test_a_resume_continues_the_random_stream_of_every_rank(tmp_path):
     assert_close(weights(tmp_path / "b"), weights(tmp_path / "a"), tol=1e-7)
 
 
-def test_killing_one_rank_stops_the_other_within_the_timeout(tmp_path):
-    config = write_config(tmp_path, "kill", train={"steps": 100000, "save_every": 0, "accum_steps": 1},
-                          dist={"timeout_s": 20})
-    port = free_port()
+def start_ranks(config, port):
+    """Two ranks of `config` started by hand (no torchrun, which would forward signals to both)."""
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "cliptrain.cli", "train", "--config", str(config)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    log = tmp_path / "kill" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
+    return procs
+
+
+def wait_for_log_rows(procs, log, rows, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= rows):
         assert all(p.poll() is None for p in procs), [p.communicate(timeout=5)[0][-2000:] for p in procs]
-        time.sleep(0.1)
-    assert log.exists() and len(log.read_text().splitlines()) >= 2, "training did not start"
+        time.sleep(0.05)
+    assert log.exists() and len(log.read_text().splitlines()) >= rows, "training did not start"
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    # Preemption may signal one process only: the ranks agree at the next step boundary, save one
+    # checkpoint together and all exit with 128 + SIGTERM (before, the signalled rank left the collectives
+    # alone and the other waited for it until dist.timeout_s).
+    config = write_config(tmp_path, "term", train={"steps": 100000, "save_every": 0, "accum_steps": 1},
+                          dist={"timeout_s": 60})
+    procs = start_ranks(config, free_port())
+    wait_for_log_rows(procs, tmp_path / "term" / "log.jsonl", 3)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs
+    assert "received SIGTERM" in outs[1] and "received SIGTERM" not in outs[0]
+    [saved] = ckpt.list_checkpoints(tmp_path / "term")
+    assert f"stopped at step {ckpt.checkpoint_step(saved)}; checkpoint saved" in outs[0]
+
+
+def test_killing_one_rank_stops_the_other_within_the_timeout(tmp_path):
+    config = write_config(tmp_path, "kill", train={"steps": 100000, "save_every": 0, "accum_steps": 1},
+                          dist={"timeout_s": 20})
+    procs = start_ranks(config, free_port())
+    wait_for_log_rows(procs, tmp_path / "kill" / "log.jsonl", 2)
     procs[1].send_signal(signal.SIGKILL)
     start = time.time()
     out = procs[0].communicate(timeout=60)[0]

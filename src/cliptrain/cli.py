@@ -60,8 +60,8 @@ def cmd_train(argv: list[str]) -> int:
         raise
     finally:
         shutdown()
-    if trainer.stop.received:
-        return 128 + trainer.stop.received
+    if trainer.stop.stopping:
+        return 128 + trainer.stop.stopping
     if results:
         trainer.say(f"results written to {trainer.run_dir / 'results.json'}")
     return 0

@@ -164,6 +164,16 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of `tensor` over ranks (itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():

@@ -94,6 +94,9 @@ def _coerce_sequence(origin: type, args: tuple, value: Any, key: str) -> tuple |
 _SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
 
 
+_YAML_BOOL_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Convert `value` to type `tp` or raise ConfigError naming `key`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -102,6 +105,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(args, value, key)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads off / no / on / yes as booleans: take the option meant
+            words = [a for a in args if isinstance(a, str) and a.lower() in _YAML_BOOL_WORDS[value]]
+            value = words[0] if len(words) == 1 else value
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
         return value

@@ -280,6 +280,15 @@ def load_training_state(directory: str | Path) -> tuple[dict, dict]:
     return blob, state
 
 
+def checkpoint_of(path: str | Path, report: Callable[[str], None] = print) -> Path:
+    """`path` when it is a checkpoint directory; for a run directory, its newest checkpoint that verifies (each
+    newer one skipped is reported)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir() and not is_complete(path):
+        return resolve_resume("latest", path, report)
+    return path
+
+
 def resolve_resume(resume: str, run_dir: str | Path, report: Callable[[str], None] = print) -> Path | None:
     """The checkpoint to resume from.
 

@@ -8,6 +8,9 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from cliptrain.distributed import max_over_ranks
 
 
 class NonFiniteError(RuntimeError):
@@ -48,13 +51,27 @@ class NonFiniteGuard:
 
 class StopSignals:
     """Within the `with` block, SIGTERM and SIGINT only set `received` (the loop saves and stops at the
-    next step boundary); a second signal of the same kind restores the default behaviour."""
+    next step boundary); a second signal of the same kind restores the default behaviour.
+
+    A signal reaches one process, or all of them at different moments, so the loop never decides on
+    `received`: at each step boundary :meth:`agree` takes the largest signal any rank has received, and
+    `stopping` is that agreed value, the same on every rank."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None   # set by the handler, in this process only
+        self.stopping: int | None = None   # agreed by all ranks at the last step boundary
         self._previous: dict = {}
+
+    def agree(self, device: torch.device) -> int | None:
+        """The signal (number) every rank stops for, or None: a collective under torch.distributed (one
+        small all-reduce and a host synchronisation per step), nothing in one process."""
+        received = self.received or 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            received = int(max_over_ranks(torch.tensor([received], device=device)).item())
+        self.stopping = received or None
+        return self.stopping
 
     def _handle(self, signum, frame) -> None:
         if self.received == signum:

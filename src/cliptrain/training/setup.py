@@ -267,8 +267,9 @@ def load_teacher(path: str, student: CLIPConfig) -> CLIP:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[CLIP, Tokenizer, RunConfig]:
-    """(model, tokenizer, run config) of a checkpoint directory, ready for evaluation."""
-    path = Path(path)
+    """(model, tokenizer, run config) of a checkpoint directory (or a run directory's newest), ready for
+    evaluation."""
+    path = ckpt.checkpoint_of(path)
     for name in ckpt.required_files(path):  # the full or the sharded layout
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint directory: {name} is missing")

@@ -155,14 +155,14 @@ class Trainer:
 
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train until the budget (or step `stop_at`, or a SIGTERM / SIGINT) is reached; returns the final
-        evaluation (empty when stopped early). `self.stop.received` tells which signal stopped it."""
+        evaluation (empty when stopped early). `self.stop.stopping` tells which signal stopped it."""
         self._open_sinks()
         stop = min(self.total_steps, stop_at or self.total_steps)
         progress = self._progress(stop)
         results: dict[str, float] = {}
         try:
             with self.stop:
-                while self.step < stop and not self.stop.received:
+                while self.step < stop and not self.stop.stopping:
                     epoch, start = divmod(self.step, self.steps_per_epoch)
                     self._run_epoch(epoch, start, stop, progress)
                     at_epoch_end = self.step % self.steps_per_epoch == 0
@@ -170,13 +170,13 @@ class Trainer:
                         self._end_data_epoch(epoch)
                     every = self.cfg.eval.every_epochs
                     if (at_epoch_end and every and (epoch + 1) % every == 0 and self.step < self.total_steps
-                            and not self.stop.received):
+                            and not self.stop.stopping):
                         self.run_eval()
                 # rank 0 decides, so that every rank joins the collective save (or none does), whatever
                 # each node's view of a shared file system
                 if not broadcast_object(ckpt.checkpoint_dir(self.run_dir, self.step).exists()):
                     self.save()
-            if self.stop.received:
+            if self.stop.stopping:
                 self.say(f"stopped at step {self.step}; checkpoint saved; continue with --resume latest")
             elif self.step >= self.total_steps:
                 if self.quality.bad_count(self.quality.run):
@@ -212,7 +212,7 @@ class Trainer:
                 self._log_train(progress)
             if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
                 self.save()
-            if self.step >= stop or self.stop.received:
+            if self.step >= stop or self.stop.agree(self.device):  # the same decision on every rank
                 return
             t_data = time.perf_counter()
 

@@ -132,9 +132,9 @@ def _tokenizer_file(path: Path, context_length: int):
 def _from_cliptrain(path: Path) -> Imported:
     from safetensors.torch import load_file
 
-    steps = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
-    if not (path / "model.safetensors").is_file() and steps:
-        path = steps[-1]                       # a run directory: its latest checkpoint
+    from cliptrain.training.checkpoint import checkpoint_of  # the checkpoint layout's one definition
+
+    path = checkpoint_of(path)                 # a run directory: its newest checkpoint that verifies
     data = yaml.safe_load((path / "config.yaml").read_text())
     weights = path / "model.safetensors"
     if not weights.is_file():
