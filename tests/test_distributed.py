@@ -127,6 +127,32 @@ def test_a_resume_continues_the_random_stream_of_every_rank(tmp_path):
     assert_close(weights(tmp_path / "b"), weights(tmp_path / "a"), tol=1e-7)
 
 
+def test_peer_watch_reports_a_published_failure_and_a_lost_store(tmp_path):
+    # NCCL does not tell a rank waiting in a collective that its peer failed: the watch thread polls the
+    # store. Here a one-process gloo group stands in for the job, its World claiming a second rank.
+    import threading
+    import torch.distributed as dist
+    from cliptrain.distributed import World, report_failure, watch_peers
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        me, peer = World(rank=0, world_size=2), World(rank=1, world_size=2)
+        seen, told = [], threading.Event()
+        done = watch_peers(me, interval_s=0.02, on_failure=lambda m: (seen.append(m), told.set()), backends=("gloo",))
+        time.sleep(0.1)
+        assert seen == []                                      # nothing published: nothing said
+        report_failure(peer, RuntimeError("CUDA out of memory"))
+        assert told.wait(5) and seen == ["rank 1: RuntimeError: CUDA out of memory"]
+        done.set()
+        seen.clear()
+        told.clear()
+        watch_peers(me, interval_s=0.02, unreachable_polls=3, on_failure=lambda m: (seen.append(m), told.set()),
+                    backends=("gloo",))
+    finally:
+        dist.destroy_process_group()                           # the store goes with it
+    assert told.wait(5) and len(seen) == 1 and seen[0].startswith("the job's store cannot be reached")
+    assert watch_peers(me).is_set() is False                   # no process group: no thread, nothing to stop
+
+
 def start_ranks(config, port):
     """Two ranks of `config` started by hand (no torchrun, which would forward signals to both)."""
     procs = []

@@ -44,9 +44,10 @@ def cmd_train(argv: list[str]) -> int:
     if args.resume:
         rest += ["--train.resume", args.resume]
     cfg = load_config(args.config, rest)
-    from cliptrain.distributed import init_distributed, peer_failure, report_failure, shutdown
+    from cliptrain.distributed import init_distributed, peer_failure, report_failure, shutdown, watch_peers
     from cliptrain.training.setup import build_trainer
     world = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+    watching = watch_peers(world)  # NCCL: a failed peer stops this rank too, with its message
     try:
         trainer = build_trainer(cfg, world)
         trainer.say(f"run directory: {trainer.run_dir}  model: {cfg.model.name}  precision: {trainer.precision}  "
@@ -59,6 +60,7 @@ def cmd_train(argv: list[str]) -> int:
             raise RuntimeError(f"stopping because {peer}") from exc
         raise
     finally:
+        watching.set()
         shutdown()
     if trainer.stop.stopping:
         return 128 + trainer.stop.stopping

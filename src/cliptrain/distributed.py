@@ -8,7 +8,10 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -218,10 +221,52 @@ def peer_failure(world: World) -> str | None:
     if not (world.distributed and dist.is_initialized()):
         return None
     try:
-        store = dist.distributed_c10d._get_default_store()
-        for rank in range(world.world_size):
-            if rank != world.rank and store.check([_error_key(rank)]):
-                return store.get(_error_key(rank)).decode()
+        return _published_failure(world)
     except Exception:  # noqa: BLE001
         return None
+
+
+def _published_failure(world: World) -> str | None:
+    store = dist.distributed_c10d._get_default_store()
+    for rank in range(world.world_size):
+        if rank != world.rank and store.check([_error_key(rank)]):
+            return store.get(_error_key(rank)).decode()
     return None
+
+
+def watch_peers(world: World, interval_s: float = 2.0, unreachable_polls: int = 5,
+                on_failure: Callable[[str], None] | None = None, backends: tuple[str, ...] = ("nccl",)
+                ) -> threading.Event:
+    """Stop this process soon after another rank fails, with that rank's message; returns the event that ends
+    the watch (set it before leaving the process group).
+
+    Needed under NCCL: a rank waiting in a collective for a peer that has failed is not told; it hangs
+    until dist.timeout_s, and then NCCL's watchdog aborts it without a word. (Gloo's collectives fail by
+    themselves, and torchrun stops the other workers when one fails; `srun` without torchrun does not.)
+    A daemon thread polls the store every `interval_s`; on a published failure, or after `unreachable_polls`
+    polls in a row that cannot reach the store (its host, rank 0 under srun, has ended), it calls
+    `on_failure` (default: print the message and end the process with status 1). Only process groups of
+    `backends` are watched.
+    """
+    done = threading.Event()
+
+    def fail(message: str) -> None:
+        print(f"error: stopping because {message}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def watch() -> None:
+        misses = 0
+        while not done.wait(interval_s):
+            try:
+                message, misses = _published_failure(world), 0
+            except Exception as exc:  # noqa: BLE001 - the store's host is gone, or going
+                misses += 1
+                message = (f"the job's store cannot be reached ({type(exc).__name__}: {exc}); the process that "
+                           f"held it (rank 0 without torchrun) has ended") if misses >= unreachable_polls else None
+            if message and not done.is_set():
+                (on_failure or fail)(message)
+                return
+
+    if world.distributed and dist.is_initialized() and dist.get_backend() in backends:
+        threading.Thread(target=watch, name="cliptrain-peer-watch", daemon=True).start()
+    return done
