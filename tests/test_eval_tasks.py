@@ -59,6 +59,18 @@ def folder(tmp_path):
     return root
 
 
+def test_numbered_class_folders_are_taken_by_number(tmp_path):
+    # ImageNet-V2 names its class folders 0 .. 999: folder "10" is class 10, not the third in text order.
+    for k in (0, 1, 2, 10, 11):
+        save(tmp_path / "v2" / str(k) / "a.png", NAMES[k % 4])
+    data = load_labelled_images(tmp_path / "v2", classnames=[f"class {i}" for i in range(5)])
+    by_folder = {p.split("/")[-2]: label for p, label in zip(data.paths, data.labels)}
+    assert by_folder == {"0": 0, "1": 1, "2": 2, "10": 3, "11": 4}
+    save(tmp_path / "mixed" / "10" / "a.png", "red")
+    save(tmp_path / "mixed" / "9b" / "a.png", "red")   # not all numbers: text order, as ImageFolder
+    assert load_labelled_images(tmp_path / "mixed").classnames == ["10", "9b"]
+
+
 def test_image_folder_zero_shot_skips_unreadable_images(folder):
     data = load_labelled_images(folder)
     assert data.classnames == ["blue things", "green things", "red things"] and len(data.paths) == 10

@@ -67,7 +67,9 @@ def _resolve(root: Path, p: str) -> str:
 
 
 def _folder_dataset(root: Path, classnames: Sequence[str] | None) -> LabelledImages:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    numbered = bool(folders) and all(f.name.isdigit() for f in folders)  # ImageNet-V2: 0 .. 999, by number
+    folders.sort(key=(lambda f: int(f.name)) if numbered else (lambda f: f.name))
     if not folders:
         raise ValueError(f"{root}: no class folders; an image-folder dataset is ROOT/<class>/<image>")
     if classnames is None:
@@ -76,7 +78,8 @@ def _folder_dataset(root: Path, classnames: Sequence[str] | None) -> LabelledIma
         names = list(classnames)
     else:
         raise ValueError(f"{root} has {len(folders)} class folders but the class-name list has {len(classnames)} "
-                         "names; they are matched by position (sorted folder names), so the counts must agree")
+                         "names; they are matched by position (sorted folder names; numbered folders by number), so the "
+                         "counts must agree")
     paths, labels = [], []
     for label, folder in enumerate(folders):
         for f in sorted(folder.rglob("*")):
