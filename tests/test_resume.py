@@ -47,6 +47,16 @@ def test_stop_and_resume_is_bit_identical(tmp_path, accum):
     assert sorted(losses(tmp_path / "b" / "run")) == list(range(1, 13))
 
 
+def test_a_new_run_refuses_a_directory_that_holds_one(tmp_path):
+    build_trainer(micro_config(tmp_path, train={"steps": 2})).fit()
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoints and log.jsonl\): continue it "
+                                              r"with --resume latest \(or auto\), or give the new run another"):
+        build_trainer(micro_config(tmp_path, train={"steps": 2}))
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log               # nothing overwritten
+    assert build_trainer(micro_config(tmp_path, train={"steps": 4, "resume": "latest"})).step == 2
+
+
 def test_resume_from_a_path_continues_in_that_run_and_drops_rows_after_it(tmp_path):
     build_trainer(micro_config(tmp_path, train={"save_every": 2, "keep_last": 5})).fit()
     run = tmp_path / "run"

@@ -97,6 +97,15 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse to start a new run where one already is: its log would be overwritten, and pruning would keep
+    its higher-step checkpoints over the new run's."""
+    held = [name for name in ("checkpoints", "log.jsonl") if (run_dir / name).exists()]
+    if held:
+        raise FileExistsError(f"{run_dir} already holds a run ({' and '.join(held)}): continue it with --resume latest "
+                              f"(or auto), or give the new run another train.name")
+
+
 def check_output_dir(run_dir: Path, checkpoint_bytes: int) -> None:
     """Fail before training if `run_dir` cannot be written or lacks room for a checkpoint."""
     try:

@@ -23,7 +23,7 @@ from cliptrain.models.convert import Imported, architecture_for_name, import_pre
 from cliptrain.models.convert.text_tokenizers import load_tokenizer
 from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
 from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.guards import check_output_dir, checkpoint_size
+from cliptrain.training.guards import check_new_run_dir, check_output_dir, checkpoint_size
 from cliptrain.training.host_memory import keep_freed_memory
 from cliptrain.training.precision import use_tf32
 from cliptrain.training.trainer import Trainer
@@ -199,6 +199,8 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     run_dir = resolve_run_dir(cfg)
     if world.distributed:
         run_dir = Path(broadcast_object(str(run_dir)))  # a timestamped name must be the same on every rank
+    if not cfg.train.resume:
+        check_new_run_dir(run_dir)
     resume = ckpt.resolve_resume(cfg.train.resume, run_dir) if cfg.train.resume else None
     torch.manual_seed(cfg.train.seed)
     imported = None
