@@ -111,6 +111,30 @@ def test_table_run_without_validation_then_eval_with_it(tmp_path, capsys):
     results = json.loads((last / "results.json").read_text())
     assert results["samples"] == 16 and "text_to_image_R@1" in results and "zeroshot_top1" not in results
 
+    # Zero-shot classification of an image folder at every evaluation (eval.zeroshot_data), without
+    # validation pairs: the same figures as `cliptrain eval --zeroshot` of the final checkpoint.
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    for i in range(12):
+        colour = ["red", "blue", "green", "yellow"][i % 4]
+        (tmp_path / "zs" / colour).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), colour).save(tmp_path / "zs" / colour / f"{i}.png")
+    zs = ["--eval.zeroshot_data", str(tmp_path / "zs"), "--eval.zeroshot_templates", "photo"]
+    assert main(args[:-1] + ["t3"] + zs + ["--train.steps", "4", "--eval.every_epochs", "1"]) == 0
+    results = json.loads((tmp_path / "runs" / "t3" / "results.json").read_text())
+    assert results["zeroshot_data_samples"] == 12 and results["zeroshot_data_classes"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "t3" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval" and "zeroshot_data_top1" in r] == [2, 4]  # 2 steps/epoch
+    assert main(["eval", "--checkpoint", str(tmp_path / "runs" / "t3"), "--zeroshot", str(tmp_path / "zs"),
+                 "--templates", "photo", "--output", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "results.json").read_text())
+    for key in ("top1", "top5", "mean_per_class_recall"):
+        assert results[f"zeroshot_data_{key}"] == pytest.approx(again[f"zeroshot_{key}"], abs=1e-9), key
+    # A wrong path stops the run before any training.
+    capsys.readouterr()
+    assert main(args[:-1] + ["t4", "--eval.zeroshot_data", str(tmp_path / "nope")]) == 2
+    assert f"error: classification data not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "t4" / "log.jsonl").exists()
+
 
 def test_bad_arch_override_and_tokenizer_mismatch_messages(tmp_path, capsys):
     assert main(["train", "--model.arch.vision.layerz", "2", "--train.output_dir", str(tmp_path)]) == 2

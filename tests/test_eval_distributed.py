@@ -41,6 +41,22 @@ def evalset_and_model(folder):
     return model.eval(), tokenizer, EvalSet(data, val.labels, CLASS_NAMES, TEMPLATES)
 
 
+def zeroshot_task(folder):
+    """The validation images as a class-folder dataset (one unreadable file among them): eval.zeroshot_data."""
+    from cliptrain.evaluation.datasets import load_labelled_images
+    from cliptrain.evaluation.tasks import ZeroShotTask
+    return ZeroShotTask(load_labelled_images(Path(folder) / "zs"), TEMPLATES[:2], image_transform(32, False))
+
+
+def write_zeroshot_folder(folder):
+    val = ShapesDataset("val", N, 32, seed=3)
+    for i in range(N):
+        path = Path(folder) / "zs" / CLASS_NAMES[val.label(i)].replace(" ", "_") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        val[i][0].save(path)
+    (path.parent / "broken.png").write_bytes(b"not an image")
+
+
 def test_rank_shares_cover_every_index_once_with_equal_lengths():
     for n, world in ((37, 2), (5, 3), (2, 4), (8, 1)):
         shares = [rank_share(n, r, world) for r in range(world)]
@@ -60,6 +76,7 @@ def test_two_gloo_processes_equal_one(tmp_path, name):
     model = micro_model(tokenizer, name)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "model_name.txt").write_text(name)
+    write_zeroshot_folder(tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -73,7 +90,9 @@ def test_two_gloo_processes_equal_one(tmp_path, name):
     two = json.loads((tmp_path / "two.json").read_text())
     model, tokenizer, evalset = evalset_and_model(tmp_path)
     one = evaluate(model, evalset, tokenizer, torch.device("cpu"), batch_size=8)
-    assert one["samples"] == two["samples"] == N
+    one.update(zeroshot_task(tmp_path).run(model, tokenizer, torch.device("cpu"), batch_size=8, log=lambda _: None))
+    assert one["samples"] == two["samples"] == one["zeroshot_data_samples"] == N
+    assert one["zeroshot_data_skipped"] == 1
     assert two.keys() == one.keys()
     assert ("val_caption_loss" in one) == (name == "coca-tiny")
     for key in one:

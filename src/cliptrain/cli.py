@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from cliptrain.config import ConfigError, load_config
+from cliptrain.config import ConfigError, EvalSection, load_config
 
 USAGE = """cliptrain <command> [options]
 
@@ -86,7 +86,7 @@ def cmd_eval(argv: list[str]) -> int:
     g.add_argument("--classnames", metavar="FILE_OR_NAME",
                    help="class names: a .json/.yaml/.txt file or imagenet1k, imagenet1k-openclip, shapes "
                         "(default: the folder names / the table's labels)")
-    g.add_argument("--templates", metavar="FILE_OR_NAME", default="openai-imagenet-short",
+    g.add_argument("--templates", metavar="FILE_OR_NAME", default=EvalSection.zeroshot_templates,
                    help="prompt templates: a file or openai-imagenet (80), openai-imagenet-short (7), photo, shapes "
                         "(default: %(default)s)")
     g.add_argument("--scoring", choices=["softmax", "sigmoid"], default="softmax",
@@ -168,11 +168,9 @@ def _eval_datasets(args, model, tokenizer, cfg, device) -> dict[str, float]:
     """The zero-shot, retrieval and linear-probe datasets named on the command line."""
     from cliptrain.evaluation import datasets, prompts, tasks
     from cliptrain.training.precision import resolve_precision
-    from cliptrain.transforms import image_transform
+    from cliptrain.training.setup import eval_transform
 
-    a = cfg.augment
-    ctx = tasks.EvalContext(model, tokenizer, image_transform(model.cfg.vision.image_size, False, a.mean, a.std,
-                                                              a.interpolation, resize_mode=a.resize_mode),
+    ctx = tasks.EvalContext(model, tokenizer, eval_transform(cfg, model.cfg.vision.image_size),
                             device, resolve_precision(cfg.train.precision, device),
                             args.batch_size or cfg.eval.batch_size,
                             cfg.data.workers if args.workers is None else args.workers)
@@ -219,16 +217,14 @@ def cmd_caption(argv: list[str]) -> int:
     from PIL import Image
 
     from cliptrain.evaluation.captioning import generate_captions, is_captioner
-    from cliptrain.training.setup import load_checkpoint
-    from cliptrain.transforms import image_transform
+    from cliptrain.training.setup import eval_transform, load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
     if not is_captioner(model):
         raise ConfigError(f"{args.checkpoint} holds a {cfg.model.name!r} model without a captioning decoder; "
                           f"caption with a CoCa checkpoint (train one with --model.name coca-tiny)")
-    a = cfg.augment
-    transform = image_transform(model.cfg.vision.image_size, False, a.mean, a.std, a.interpolation)
+    transform = eval_transform(cfg, model.cfg.vision.image_size)   # as in the run's evaluation
     pixels = []
     for path in args.images:
         with Image.open(path) as image:

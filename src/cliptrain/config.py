@@ -209,6 +209,9 @@ class EvalSection:
     zeroshot: bool = True
     retrieval: bool = True
     val_loss: bool = True
+    zeroshot_data: str | None = None    # image folder or labelled table classified zero-shot at each evaluation
+    zeroshot_classnames: str | None = None  # its class names: built-in (imagenet1k, ...) or a file; null: its own
+    zeroshot_templates: str = "openai-imagenet-short"  # prompt templates: built-in name or a file
 
     def __post_init__(self):
         _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, got {self.every_epochs}")

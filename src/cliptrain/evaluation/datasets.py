@@ -183,11 +183,13 @@ def _collate(items):
 
 @torch.no_grad()
 def encode_images(model, paths: Sequence[str], transform, device: torch.device, precision: str = "fp32",
-                  batch_size: int = 256, workers: int = 0) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+                  batch_size: int = 256, workers: int = 0, strict: bool = True
+                  ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
     """(L2-normalised float32 features [n_ok, d] on CPU, indices of the images read, [(path, error)] of the rest).
 
     ``transform`` is a :class:`cliptrain.transforms.ImageTransform` (``to_uint8`` then ``normalize``),
-    so every PIL mode is converted to RGB the same way as in training.
+    so every PIL mode is converted to RGB the same way as in training. When no image can be read: an error,
+    or with ``strict=False`` features of shape [0, 0] (one rank's share may be all unreadable).
     """
     loader = DataLoader(_Images(list(paths), transform.to_uint8), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, generator=loader_generator())
@@ -200,9 +202,16 @@ def encode_images(model, paths: Sequence[str], transform, device: torch.device, 
             feats.append(model.encode_image(transform.normalize(pixels).to(device)).float().cpu())
         kept += idx
     if not feats:
-        first = f": {failed[0][0]}: {failed[0][1]}" if failed else ""
-        raise ValueError(f"none of the {len(paths)} images could be read{first}")
+        if not strict:
+            return torch.zeros(0, 0), kept, failed
+        raise none_read(len(paths), failed)
     return torch.cat(feats), kept, failed
+
+
+def none_read(total: int, failed: list[tuple[str, str]]) -> ValueError:
+    """The error for a dataset none of whose `total` images could be read."""
+    first = f": {failed[0][0]}: {failed[0][1]}" if failed else ""
+    return ValueError(f"none of the {total} images could be read{first}")
 
 
 def skipped_message(what: str, failed: list[tuple[str, str]], total: int) -> str:

@@ -47,7 +47,7 @@ def rank_share(n: int, rank: int = 0, world_size: int = 1) -> tuple[list[int], l
     return mine + [mine[-1] if mine else 0] * (max(sizes) - len(mine)), sizes
 
 
-def _gather_shares(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+def gather_shares(local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Every rank's features in rank order (the shares of `rank_share`), without the padding."""
     if len(sizes) == 1:
         return local
@@ -74,7 +74,7 @@ def encode_pairs(model: nn.Module, dataset: PairDataset, tokenizer: Callable, de
         with autocast(precision, device):
             images.append(model.encode_image(batch.images).float())
             texts.append(model.encode_text(batch.texts).float())
-    return _gather_shares(torch.cat(images), sizes).cpu(), _gather_shares(torch.cat(texts), sizes).cpu()
+    return gather_shares(torch.cat(images), sizes).cpu(), gather_shares(torch.cat(texts), sizes).cpu()
 
 
 def contrastive_val_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float,

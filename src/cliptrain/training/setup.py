@@ -15,7 +15,10 @@ from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDatase
 from cliptrain.data.sources import open_source
 from cliptrain.data.streaming import ShardSet, ShardStream
 from cliptrain.distributed import World, broadcast_object
+from cliptrain.evaluation.datasets import load_labelled_images
 from cliptrain.evaluation.evaluate import EvalSet
+from cliptrain.evaluation.prompts import load_classnames, load_templates
+from cliptrain.evaluation.tasks import ZeroShotTask
 from cliptrain.models import CLIP, build_model, create_model
 from cliptrain.models.config import CLIPConfig
 from cliptrain.hf_tokenizer import load_hf_tokenizer
@@ -113,13 +116,28 @@ def build_train_data(cfg: RunConfig, source, transform, tokenizer: Tokenizer) ->
     return PairDataset(source, transform, cfg.train.seed)
 
 
+def eval_transform(cfg: RunConfig, image_size: int):
+    """The evaluation preprocessing (resize, centre crop, normalise) of a run."""
+    a = cfg.augment
+    return image_transform(image_size, False, a.mean, a.std, a.interpolation, resize_mode=a.resize_mode)
+
+
 def build_evalset(cfg: RunConfig, val_source, zeroshot: dict, image_size: int) -> EvalSet | None:
     """The validation set with the eval transform, or None when there is no validation data."""
     if val_source is None:
         return None
-    a = cfg.augment
-    transform = image_transform(image_size, False, a.mean, a.std, a.interpolation, resize_mode=a.resize_mode)
-    return EvalSet(PairDataset(val_source, transform, cfg.train.seed), **zeroshot)
+    return EvalSet(PairDataset(val_source, eval_transform(cfg, image_size), cfg.train.seed), **zeroshot)
+
+
+def build_zeroshot_task(cfg: RunConfig, image_size: int) -> ZeroShotTask | None:
+    """`eval.zeroshot_data` with its class names and templates, read before any training (so that a wrong
+    path or name stops the run at once), or None when unset."""
+    e = cfg.eval
+    if not e.zeroshot_data:
+        return None
+    names = load_classnames(e.zeroshot_classnames) if e.zeroshot_classnames else None
+    return ZeroShotTask(load_labelled_images(e.zeroshot_data, names), load_templates(e.zeroshot_templates),
+                        eval_transform(cfg, image_size))
 
 
 def source_captions(source, caption_key: str = "caption") -> list[str]:
@@ -238,7 +256,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         save_config(cfg, run_dir / "config.yaml")
         tokenizer.save(run_dir / "tokenizer.json")
     trainer = Trainer(cfg, model, tokenizer, train_data, build_evalset(cfg, val_src, zs, size), run_dir, world,
-                      teacher)
+                      teacher, build_zeroshot_task(cfg, size))
     if resume is not None:
         trainer.resume(resume)
     return trainer

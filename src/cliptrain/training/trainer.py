@@ -15,6 +15,7 @@ from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader, shutdo
 from cliptrain.data.quality import DataQuality
 from cliptrain.data.streaming import ShardStream
 from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
+from cliptrain.evaluation.tasks import ZeroShotTask
 from cliptrain.logging import Meter, MetricSinks, truncate_log
 from cliptrain.losses import CaptionLoss, DistillLoss, build_objective
 from cliptrain.training import checkpoint as ckpt
@@ -48,8 +49,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer, train_data: PairDataset | ShardStream,
                  evalset: EvalSet | None, run_dir: str | Path, world: World | None = None,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, zeroshot_task: ZeroShotTask | None = None):
         self.cfg, self.tokenizer, self.train_data, self.evalset = cfg, tokenizer, train_data, evalset
+        self.zeroshot_task = zeroshot_task  # eval.zeroshot_data, classified at every evaluation
         self.run_dir = Path(run_dir)
         self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = self.world.device
@@ -277,13 +279,18 @@ class Trainer:
 
     def run_eval(self, final: bool = False) -> dict[str, float]:
         """Evaluate now, log the results, and (at the end) print the table and write results files."""
-        if self.evalset is None:
+        if self.evalset is None and self.zeroshot_task is None:
             if final:
-                self.say("no validation data (data.val_path is unset): evaluation skipped")
+                self.say("no validation data (data.val_path and eval.zeroshot_data are unset): evaluation skipped")
             return {}
-        e = self.cfg.eval
-        results = evaluate(ckpt.unwrap(self.model), self.evalset, self.tokenizer, self.device, self.precision,
-                           e.batch_size, self.cfg.data.workers, e.val_loss, e.retrieval, e.zeroshot)
+        e, model, workers = self.cfg.eval, ckpt.unwrap(self.model), self.cfg.data.workers
+        results = {}
+        if self.evalset is not None:
+            results = evaluate(model, self.evalset, self.tokenizer, self.device, self.precision, e.batch_size, workers,
+                               e.val_loss, e.retrieval, e.zeroshot)
+        if self.zeroshot_task is not None:
+            results.update(self.zeroshot_task.run(model, self.tokenizer, self.device, self.precision, e.batch_size,
+                                                  workers, self.say))
         results["epoch"] = self.step / self.steps_per_epoch
         self.record("eval", results)
         if final and self.world.is_main:
