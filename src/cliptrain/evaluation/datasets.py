@@ -78,8 +78,8 @@ def _folder_dataset(root: Path, classnames: Sequence[str] | None) -> LabelledIma
         names = list(classnames)
     else:
         raise ValueError(f"{root} has {len(folders)} class folders but the class-name list has {len(classnames)} "
-                         "names; they are matched by position (sorted folder names; numbered folders by number), so the "
-                         "counts must agree")
+                         "names; they are matched by position (sorted folder names; numbered folders by number), "
+                         "so the counts must agree")
     paths, labels = [], []
     for label, folder in enumerate(folders):
         for f in sorted(folder.rglob("*")):

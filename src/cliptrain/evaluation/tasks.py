@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
-
 import torch.distributed as dist
+from torch import nn
 
 from cliptrain.distributed import gather_object, max_over_ranks
 from cliptrain.evaluation.datasets import (LabelledImages, RetrievalSet, encode_images, none_read,
