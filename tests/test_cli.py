@@ -52,9 +52,13 @@ def test_train_then_eval_checkpoint(tmp_path, capsys):
     for key, value in again.items():
         if key != "epoch":
             assert value == pytest.approx(results[key], rel=1e-6, abs=1e-9), key
-    # The run directory stands for its newest checkpoint.
+    # The run directory stands for its newest checkpoint, also as the default output (the run's own final
+    # results.json stays as training wrote it).
     assert main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "ev-run")]) == 0
     assert json.loads((tmp_path / "ev-run" / "results.json").read_text()) == again
+    assert main(["eval", "--checkpoint", str(run)]) == 0
+    assert json.loads((last / "results.json").read_text()) == again
+    assert json.loads((run / "results.json").read_text()) == results
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
@@ -133,7 +137,7 @@ def test_table_run_without_validation_then_eval_with_it(tmp_path, capsys):
     capsys.readouterr()
     assert main(args[:-1] + ["t4", "--eval.zeroshot_data", str(tmp_path / "nope")]) == 2
     assert f"error: classification data not found: {tmp_path / 'nope'}" in capsys.readouterr().err
-    assert not (tmp_path / "runs" / "t4" / "log.jsonl").exists()
+    assert not (tmp_path / "runs" / "t4").exists()                      # nothing written
 
 
 def test_bad_arch_override_and_tokenizer_mismatch_messages(tmp_path, capsys):

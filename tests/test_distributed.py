@@ -123,34 +123,42 @@ def test_a_resume_continues_the_random_stream_of_every_rank(tmp_path):
     rng = json.loads((step3 / "state.json").read_text())["rng"]
     assert len(rng) == 2 and rng[0] != rng[1]
     out = run(write_config(tmp_path, "b", model=model, train={"accum_steps": 1, "resume": str(step3)}), 2)
-    assert f"resumed from {step3} at step 3" in out.stdout and "random streams" not in out.stdout
+    assert f"resumed from {step3} at step 3" in out.stdout and "no random stream" not in out.stdout
     assert_close(weights(tmp_path / "b"), weights(tmp_path / "a"), tol=1e-7)
 
 
-def test_peer_watch_reports_a_published_failure_and_a_lost_store(tmp_path):
+def test_peer_watch_reports_a_published_failure_and_a_lost_store():
     # NCCL does not tell a rank waiting in a collective that its peer failed: the watch thread polls the
-    # store. Here a one-process gloo group stands in for the job, its World claiming a second rank.
+    # store. Here a one-process gloo group stands in for the job, its World claiming a second rank; the
+    # store's server is this process's own TCPStore, which the test then shuts down (its host has ended).
+    import datetime
     import threading
     import torch.distributed as dist
     from cliptrain.distributed import World, report_failure, watch_peers
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    port, short = free_port(), datetime.timedelta(seconds=2)
+    server = dist.TCPStore("127.0.0.1", port, 1, True, timeout=short, wait_for_workers=False)
+    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, 1, False, timeout=short),
+                            rank=0, world_size=1)
     try:
         me, peer = World(rank=0, world_size=2), World(rank=1, world_size=2)
         seen, told = [], threading.Event()
-        done = watch_peers(me, interval_s=0.02, on_failure=lambda m: (seen.append(m), told.set()), backends=("gloo",))
-        time.sleep(0.1)
-        assert seen == []                                      # nothing published: nothing said
+        tell = lambda m: (seen.append(m), told.set())  # noqa: E731
+        done = watch_peers(me, interval_s=0.02, on_failure=tell, backends=("gloo",))
+        assert done.active
+        report_failure(me, RuntimeError("mine"))                 # this rank's own failure: not a peer's
+        time.sleep(0.2)
+        assert seen == []
         report_failure(peer, RuntimeError("CUDA out of memory"))
         assert told.wait(5) and seen == ["rank 1: RuntimeError: CUDA out of memory"]
         done.set()
         seen.clear()
         told.clear()
-        watch_peers(me, interval_s=0.02, unreachable_polls=3, on_failure=lambda m: (seen.append(m), told.set()),
-                    backends=("gloo",))
+        watch_peers(me, interval_s=0.02, unreachable_polls=3, on_failure=tell, backends=("gloo",))
+        del server                                             # the store's host ends
+        assert told.wait(30) and len(seen) == 1 and seen[0].startswith("the job's store cannot be reached"), seen
     finally:
-        dist.destroy_process_group()                           # the store goes with it
-    assert told.wait(5) and len(seen) == 1 and seen[0].startswith("the job's store cannot be reached")
-    assert watch_peers(me).is_set() is False                   # no process group: no thread, nothing to stop
+        dist.destroy_process_group()
+    assert not watch_peers(me).active                          # no process group: no thread
 
 
 def start_ranks(config, port):

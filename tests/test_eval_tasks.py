@@ -88,6 +88,32 @@ def test_image_folder_zero_shot_skips_unreadable_images(folder):
         load_labelled_images(folder, ["a", "b"])
 
 
+def test_a_batch_of_unreadable_images_still_runs_the_model_when_ranks_share_the_work(tmp_path):
+    # A sharded (FSDP) model needs every rank in every forward: with strict=False (each rank's share), a
+    # batch in which no image could be read runs the model on a blank image, its output unused.
+    from cliptrain.evaluation.datasets import encode_images
+
+    class Counting(FakeModel):
+        calls = 0
+
+        def encode_image(self, images):
+            Counting.calls += 1
+            return super().encode_image(images)
+
+    paths = []
+    for i, name in enumerate(["bad0", "bad1", "bad2", "red"]):
+        path = tmp_path / f"{i}.png"
+        save(path, "red") if name == "red" else path.write_bytes(b"not an image")
+        paths.append(str(path))
+    feats, kept, failed = encode_images(Counting(), paths, TRANSFORM, torch.device("cpu"), batch_size=2,
+                                        strict=False)
+    assert Counting.calls == 2 and kept == [3] and [p for p, _ in failed] == paths[:3]
+    assert torch.allclose(feats[0], colour_vector("red"))
+    Counting.calls = 0
+    encode_images(Counting(), paths, TRANSFORM, torch.device("cpu"), batch_size=2)   # one process: skipped
+    assert Counting.calls == 1
+
+
 def test_tables_with_index_or_name_labels(tmp_path):
     for i, c in enumerate(["red", "green", "blue", "red"]):
         save(tmp_path / "img" / f"{i}.png", c)

@@ -99,6 +99,25 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path):
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "term"))
 
 
+def test_a_signal_during_the_last_step_still_stops_the_run(tmp_path):
+    # Preemption near the end: the run saves and stops (exit 128 + signal) instead of starting the final
+    # evaluation after the grace period has begun.
+    trainer = build_trainer(micro_config(tmp_path, train={"steps": 2}, data={"val_samples": 32}))
+    original = trainer.train_step
+
+    def step_then_signal(batch):
+        out = original(batch)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer.train_step = step_then_signal
+    assert trainer.fit() == {}                                   # no final evaluation
+    assert trainer.stop.stopping == signal.SIGTERM
+    assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path / "run")] == [2]
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 class NaNAt:
     """Wraps an objective so that its loss is NaN on the given (1-based) optimizer steps."""
 

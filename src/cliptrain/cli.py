@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 from cliptrain.config import ConfigError, EvalSection, load_config
@@ -55,6 +56,8 @@ def cmd_train(argv: list[str]) -> int:
         results = trainer.fit()
     except BaseException as exc:
         report_failure(world, exc)
+        if watching.active and world.is_main:  # under srun rank 0 holds the store: let the others read it
+            time.sleep(2 * watching.interval_s)
         peer = peer_failure(world)
         if peer:
             raise RuntimeError(f"stopping because {peer}") from exc
@@ -74,9 +77,11 @@ def cmd_eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cliptrain eval", description=(
         "Evaluate a checkpoint. With no dataset option, on its run's validation data; otherwise on the "
         "datasets given (each option adds one task)."))
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N), or "
-                        "open_clip / OpenAI / Hugging Face weights (evaluated with the default run config's data)")
-    parser.add_argument("--output", help="where to write results.json / results.md (default: the checkpoint)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N), a run "
+                        "directory (its newest checkpoint), or open_clip / OpenAI / Hugging Face weights (evaluated "
+                        "with the default run config's data)")
+    parser.add_argument("--output", help="where to write results.json / results.md (default: the checkpoint; "
+                                         "for a run directory, its newest checkpoint)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
     parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
@@ -106,11 +111,15 @@ def cmd_eval(argv: list[str]) -> int:
     import torch
 
     from cliptrain.evaluation.evaluate import format_table, write_results
+    from cliptrain.training.checkpoint import checkpoint_of
+    from cliptrain.training.precision import use_tf32
     from cliptrain.training.setup import load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(args.checkpoint) / "config.yaml").is_file():
+        args.checkpoint = str(checkpoint_of(args.checkpoint))  # a run directory: its newest checkpoint
         model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
+        use_tf32(cfg.train.tf32, device)  # as the run evaluated
     else:   # open_clip / OpenAI / Hugging Face weights: evaluated with the default run config's data
         model, tokenizer, cfg = _imported(args.checkpoint, device)
         args.output = args.output or str(Path(args.checkpoint) if Path(args.checkpoint).is_dir()

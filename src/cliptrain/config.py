@@ -216,6 +216,8 @@ class EvalSection:
     def __post_init__(self):
         _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, got {self.every_epochs}")
         _check(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
+        _check(self.zeroshot_data is not None or self.zeroshot_classnames is None,
+               "eval.zeroshot_classnames names the classes of eval.zeroshot_data, which is unset")
 
 
 @dataclass

@@ -157,23 +157,22 @@ def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return sum_over_ranks(tensor) / dist.get_world_size()
 
 
-@torch.no_grad()
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over ranks (itself in one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    out = tensor.clone()
-    dist.all_reduce(out)
-    return out
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of `tensor` over ranks (itself in one process)."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 @torch.no_grad()
-def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The elementwise maximum of `tensor` over ranks (itself in one process)."""
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     out = tensor.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    dist.all_reduce(out, op=op)
     return out
 
 
@@ -201,6 +200,9 @@ def gather_object(obj) -> list:
     return out
 
 
+_ANY_ERROR = "cliptrain/error/any"
+
+
 def _error_key(rank: int) -> str:
     return f"cliptrain/error/{rank}"
 
@@ -211,7 +213,9 @@ def report_failure(world: World, exc: BaseException) -> None:
         return
     try:
         store = dist.distributed_c10d._get_default_store()
-        store.set(_error_key(world.rank), f"rank {world.rank}: {type(exc).__name__}: {exc}")
+        message = f"rank {world.rank}: {type(exc).__name__}: {exc}"
+        store.set(_error_key(world.rank), message)
+        store.set(_ANY_ERROR, message)  # the one key `watch_peers` polls
     except Exception:  # noqa: BLE001 - best effort while failing
         pass
 
@@ -234,39 +238,54 @@ def _published_failure(world: World) -> str | None:
     return None
 
 
+class PeerWatch(threading.Event):
+    """What `watch_peers` returns: set it to end the watch; `active` says whether a thread watches."""
+    active = False
+    interval_s = 0.0
+
+
 def watch_peers(world: World, interval_s: float = 2.0, unreachable_polls: int = 5,
                 on_failure: Callable[[str], None] | None = None, backends: tuple[str, ...] = ("nccl",)
-                ) -> threading.Event:
-    """Stop this process soon after another rank fails, with that rank's message; returns the event that ends
-    the watch (set it before leaving the process group).
+                ) -> PeerWatch:
+    """Stop this process soon after another rank fails with an error it publishes (`report_failure`), with
+    that rank's message; returns the event that ends the watch (set it before leaving the process group).
 
     Needed under NCCL: a rank waiting in a collective for a peer that has failed is not told; it hangs
     until dist.timeout_s, and then NCCL's watchdog aborts it without a word. (Gloo's collectives fail by
     themselves, and torchrun stops the other workers when one fails; `srun` without torchrun does not.)
-    A daemon thread polls the store every `interval_s`; on a published failure, or after `unreachable_polls`
-    polls in a row that cannot reach the store (its host, rank 0 under srun, has ended), it calls
-    `on_failure` (default: print the message and end the process with status 1). Only process groups of
-    `backends` are watched.
+    A daemon thread polls one store key every `interval_s` (one request per rank, however many ranks); on a
+    published failure, or after `unreachable_polls` polls in a row that cannot reach the store (its host,
+    rank 0 under srun, has ended), it calls `on_failure` (default: print the message and end the process
+    with status 1). A rank killed outright publishes nothing: the others still wait for dist.timeout_s.
+    Only process groups of `backends` are watched.
     """
-    done = threading.Event()
+    done = PeerWatch()
+    done.interval_s = interval_s
+    own = f"rank {world.rank}: "
 
     def fail(message: str) -> None:
         print(f"error: stopping because {message}", file=sys.stderr, flush=True)
         os._exit(1)
 
     def watch() -> None:
-        misses = 0
+        store, misses = dist.distributed_c10d._get_default_store(), 0
         while not done.wait(interval_s):
+            message = None
             try:
-                message, misses = _published_failure(world), 0
+                if store.check([_ANY_ERROR]):
+                    message = store.get(_ANY_ERROR).decode()
+                    message = None if message.startswith(own) else message  # this rank's own: it is failing
+                misses = 0
             except Exception as exc:  # noqa: BLE001 - the store's host is gone, or going
                 misses += 1
-                message = (f"the job's store cannot be reached ({type(exc).__name__}: {exc}); the process that "
-                           f"held it (rank 0 without torchrun) has ended") if misses >= unreachable_polls else None
+                if misses >= unreachable_polls:
+                    message = (f"the job's store cannot be reached ({type(exc).__name__}: {exc}); the process "
+                               f"that held it (rank 0 without torchrun) has ended")
             if message and not done.is_set():
                 (on_failure or fail)(message)
                 return
 
     if world.distributed and dist.is_initialized() and dist.get_backend() in backends:
+        done.active = True
         threading.Thread(target=watch, name="cliptrain-peer-watch", daemon=True).start()
     return done

@@ -189,7 +189,9 @@ def encode_images(model, paths: Sequence[str], transform, device: torch.device, 
 
     ``transform`` is a :class:`cliptrain.transforms.ImageTransform` (``to_uint8`` then ``normalize``),
     so every PIL mode is converted to RGB the same way as in training. When no image can be read: an error,
-    or with ``strict=False`` features of shape [0, 0] (one rank's share may be all unreadable).
+    or with ``strict=False`` features of shape [0, 0] (one rank's share may be all unreadable); then a batch of
+    unreadable images also runs the model, on one blank image, so that every rank of a sharded (FSDP) model
+    runs the same forwards.
     """
     loader = DataLoader(_Images(list(paths), transform.to_uint8), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, generator=loader_generator())
@@ -197,6 +199,10 @@ def encode_images(model, paths: Sequence[str], transform, device: torch.device, 
     for pixels, idx, bad in loader:
         failed += [(paths[i], err) for i, err in bad]
         if pixels is None:
+            if not strict:  # the forward every rank takes part in, its output unused
+                blank = torch.zeros(1, 3, transform.image_size, transform.image_size, dtype=torch.uint8)
+                with autocast(precision, device):
+                    model.encode_image(transform.normalize(blank).to(device))
             continue
         with autocast(precision, device):
             feats.append(model.encode_image(transform.normalize(pixels).to(device)).float().cpu())

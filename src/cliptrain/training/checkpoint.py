@@ -285,7 +285,11 @@ def checkpoint_of(path: str | Path, report: Callable[[str], None] = print) -> Pa
     newer one skipped is reported)."""
     path = Path(path)
     if (path / "checkpoints").is_dir() and not is_complete(path):
-        return resolve_resume("latest", path, report)
+        found = resolve_resume("auto", path, report)
+        if found is None:
+            raise FileNotFoundError(f"{path} is a run directory without a valid checkpoint under "
+                                    f"{path / 'checkpoints'}")
+        return found
     return path
 
 

@@ -130,8 +130,7 @@ def build_evalset(cfg: RunConfig, val_source, zeroshot: dict, image_size: int) -
 
 
 def build_zeroshot_task(cfg: RunConfig, image_size: int) -> ZeroShotTask | None:
-    """`eval.zeroshot_data` with its class names and templates, read before any training (so that a wrong
-    path or name stops the run at once), or None when unset."""
+    """`eval.zeroshot_data` with its class names and templates, or None when unset."""
     e = cfg.eval
     if not e.zeroshot_data:
         return None
@@ -229,6 +228,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         if cfg.model.pretrained and resume is not None:
             cfg = _pretrained_preprocessing(cfg, resume)
     size = model_cfg.vision.image_size
+    zeroshot_task = build_zeroshot_task(cfg, size)  # before the heavier work: a wrong path stops the run at once
     train_src, val_src, zs = build_sources(cfg, size, log=print if world.is_main else (lambda _: None))
     teacher = load_teacher(cfg.distill.teacher, model_cfg) if cfg.distill.teacher else None
     if resume is not None:
@@ -256,7 +256,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         save_config(cfg, run_dir / "config.yaml")
         tokenizer.save(run_dir / "tokenizer.json")
     trainer = Trainer(cfg, model, tokenizer, train_data, build_evalset(cfg, val_src, zs, size), run_dir, world,
-                      teacher, build_zeroshot_task(cfg, size))
+                      teacher, zeroshot_task)
     if resume is not None:
         trainer.resume(resume)
     return trainer

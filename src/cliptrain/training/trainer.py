@@ -214,7 +214,8 @@ class Trainer:
                 self._log_train(progress)
             if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
                 self.save()
-            if self.step >= stop or self.stop.agree(self.device):  # the same decision on every rank
+            stopping = self.stop.agree(self.device)  # every step, the last too: the same decision on every rank
+            if self.step >= stop or stopping:
                 return
             t_data = time.perf_counter()
 
@@ -374,8 +375,9 @@ class Trainer:
         self.step = state["step"]
         if not ckpt.restore_rng(state["rng"], self.world.rank, self.world.world_size, self.cfg.train.seed, self.step,
                                 self.device):
-            self.say(f"note: the checkpoint holds the random streams of another number of processes; each rank "
-                     f"starts a fresh one (dropout and patch dropout draws differ from an uninterrupted run)")
+            self.say(f"note: the checkpoint holds no random stream for each of the {self.world.world_size} processes "
+                     f"(written by another number, or before 2026-11-27); each rank starts a fresh one (dropout and "
+                     f"patch dropout draws differ from an uninterrupted run)")
         self.quality.load_state_dict(state.get("data_quality", {}))
         layout = state.get("data_layout", self._data_layout())
         if isinstance(self.train_data, ShardStream) and state["batch_in_epoch"] and layout != self._data_layout():
