@@ -57,6 +57,45 @@ def test_a_new_run_refuses_a_directory_that_holds_one(tmp_path):
     assert build_trainer(micro_config(tmp_path, train={"steps": 4, "resume": "latest"})).step == 2
 
 
+def test_checkpoints_are_copied_to_remote_dir_and_a_new_machine_resumes_from_it(tmp_path, capsys):
+    import shutil
+    remote = tmp_path / "remote"
+    train = {"steps": 6, "save_every": 2, "keep_last": 1, "remote_dir": str(remote)}
+    straight = build_trainer(micro_config(tmp_path / "a", train={"steps": 6}))
+    straight.fit()
+    first = build_trainer(micro_config(tmp_path / "b", train=train))
+    first.fit(stop_at=4)
+    local = ckpt.list_checkpoints(tmp_path / "b" / "run")
+    assert [p.name for p in local] == ["step_0000002", "step_0000004"]       # the newest and keep_last 1
+    assert sorted(p.name for p in remote.iterdir()) == [p.name for p in local]  # pruned alike
+    for path in local:
+        for f in path.iterdir():
+            assert (remote / path.name / f.name).read_bytes() == f.read_bytes()
+    # A new machine: the run directory is gone, and the newest remote copy is damaged.
+    shutil.rmtree(tmp_path / "b" / "run")
+    with open(remote / "step_0000004" / "model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00" * 8)
+    capsys.readouterr()
+    resumed = build_trainer(micro_config(tmp_path / "b", train={**train, "resume": "latest"}))
+    out = capsys.readouterr().out
+    assert "skipping remote checkpoint" in out and "model.safetensors does not match its checksum" in out
+    assert "downloaded" in out and resumed.step == 2
+    resumed.fit()
+    a, b = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)                           # exact, from step 2
+    assert sorted(p.name for p in remote.iterdir()) == ["step_0000004", "step_0000006"]  # uploads caught up
+
+
+def test_a_failed_upload_is_reported_and_the_run_completes(tmp_path, capsys):
+    (tmp_path / "not-a-dir").write_text("a file where the remote directory should be")
+    trainer = build_trainer(micro_config(tmp_path, train={"steps": 2, "remote_dir": str(tmp_path / "not-a-dir")}))
+    trainer.fit()
+    out = capsys.readouterr().out
+    assert "warning: uploading step_0000002 to" in out and "1 checkpoint upload(s)" in out
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_0000002"]
+
+
 def test_resume_from_a_path_continues_in_that_run_and_drops_rows_after_it(tmp_path):
     build_trainer(micro_config(tmp_path, train={"save_every": 2, "keep_last": 5})).fit()
     run = tmp_path / "run"

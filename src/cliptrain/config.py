@@ -153,6 +153,7 @@ class TrainSection:
     save_every: int = 0                 # steps between checkpoints (0: only at the end)
     keep_last: int = 2                  # checkpoints kept besides the final one
     keep_every: int = 0                 # also keep every checkpoint whose step is a multiple of this (0: none)
+    remote_dir: str | None = None       # fsspec URL or path: checkpoints copied there too; resume reads it
     nonfinite_limit: int = 10           # stop after this many consecutive steps with a non-finite loss or gradient
     threads: int | None = None          # torch intra-op threads (default: torch's choice)
     compile: bool = False               # wrap the model in torch.compile (uncompiled, with a warning, if it fails)

@@ -222,6 +222,18 @@ def checkpoint_step(directory: Path) -> int:
     return int(directory.name[len(_PREFIX):])
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """Whether `name` is the name of a checkpoint directory (step_N)."""
+    return name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit()
+
+
+def steps_to_prune(steps: list[int], keep_last: int, keep_every: int = 0) -> list[int]:
+    """The steps, of the checkpoints at `steps`, that all but the newest `keep_last` and the multiples of
+    `keep_every` leave behind."""
+    ordered = sorted(steps)
+    return [s for s in ordered[: max(0, len(ordered) - keep_last)] if not (keep_every and s % keep_every == 0)]
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int = 0) -> None:
     """Delete all but the newest `keep_last` checkpoints, keeping every step that is a multiple of `keep_every`.
 
@@ -229,9 +241,8 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep_every: int = 0) 
     half-deleted checkpoint that looks real.
     """
     ckpts = list_checkpoints(run_dir)
-    for path in ckpts[: max(0, len(ckpts) - keep_last)]:
-        if keep_every and checkpoint_step(path) % keep_every == 0:
-            continue
+    doomed = set(steps_to_prune([checkpoint_step(p) for p in ckpts], keep_last, keep_every))
+    for path in (p for p in ckpts if checkpoint_step(p) in doomed):
         trash = path.parent / f".{path.name}.deleting"
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)

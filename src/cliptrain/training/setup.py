@@ -14,7 +14,7 @@ from cliptrain.data import PairDataset, readable_only
 from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDataset
 from cliptrain.data.sources import open_source
 from cliptrain.data.streaming import ShardSet, ShardStream
-from cliptrain.distributed import World, broadcast_object
+from cliptrain.distributed import World, barrier, broadcast_object
 from cliptrain.evaluation.datasets import load_labelled_images
 from cliptrain.evaluation.evaluate import EvalSet
 from cliptrain.evaluation.prompts import load_classnames, load_templates
@@ -29,6 +29,7 @@ from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import check_new_run_dir, check_output_dir, checkpoint_size
 from cliptrain.training.host_memory import keep_freed_memory
 from cliptrain.training.precision import use_tf32
+from cliptrain.training.remote import RemoteCheckpoints
 from cliptrain.training.trainer import Trainer
 from cliptrain.transforms import image_transform
 
@@ -44,11 +45,21 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
         runs = [p for p in out.glob("*") if ckpt.list_checkpoints(p)] if out.is_dir() else []
         if runs:
             return max(runs, key=lambda p: ckpt.list_checkpoints(p)[-1].stat().st_mtime)
-        if cfg.train.resume == "latest":
+        if cfg.train.resume == "latest" and not cfg.train.remote_dir:
             raise FileNotFoundError(f"--resume latest: no run with checkpoints under {out}")
     elif cfg.train.resume:
         return Path(cfg.train.resume).resolve().parent.parent   # RUN/checkpoints/step_N
     return out / f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def fetch_remote_checkpoint(cfg: RunConfig, run_dir: Path, world: World) -> None:
+    """Resuming where the run has no valid local checkpoint (a new machine, a lost disk): rank 0 downloads the
+    newest remote one (`train.remote_dir`) into the run directory, which every rank then reads."""
+    if world.is_main and ckpt.resolve_resume("auto", run_dir) is None:
+        ckpt_path = RemoteCheckpoints(cfg.train.remote_dir).download_latest(run_dir)
+        if ckpt_path is None:
+            print(f"no checkpoint under train.remote_dir {cfg.train.remote_dir} either")
+    barrier()
 
 
 def build_tokenizer(cfg: RunConfig, captions: Callable[[], list[str]], model_cfg: CLIPConfig) -> Tokenizer:
@@ -218,6 +229,8 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         run_dir = Path(broadcast_object(str(run_dir)))  # a timestamped name must be the same on every rank
     if not cfg.train.resume:
         check_new_run_dir(run_dir)
+    if cfg.train.resume in ("latest", "auto") and cfg.train.remote_dir:
+        fetch_remote_checkpoint(cfg, run_dir, world)
     resume = ckpt.resolve_resume(cfg.train.resume, run_dir) if cfg.train.resume else None
     torch.manual_seed(cfg.train.seed)
     imported = None

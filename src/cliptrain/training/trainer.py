@@ -22,6 +22,7 @@ from cliptrain.training import checkpoint as ckpt
 from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
 from cliptrain.training.optim import build_optimizer, lr_at, set_lr
 from cliptrain.training.precision import grad_scaler, resolve_precision
+from cliptrain.training.remote import RemoteCheckpoints
 from cliptrain.training.parallel import (full_norm, is_fsdp, load_optimizer_state_dict, load_sharded,
                                          model_state_dict, no_sync, optimizer_state_dict, save_sharded, wrap_model)
 from cliptrain.training.compile import is_compiled, warn_fallback
@@ -91,6 +92,8 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.train.nonfinite_limit, self.run_dir)
         self.stop = StopSignals()
         self.quality = DataQuality(cfg.data.max_bad_fraction, device=self.device)
+        self.remote = (RemoteCheckpoints(cfg.train.remote_dir, cfg.train.keep_last + 1, cfg.train.keep_every,
+                                         self.say) if cfg.train.remote_dir and self.world.is_main else None)
         self._loader = self._sampler = None
         self.meters: dict[str, Meter] = {}
         self.sinks: MetricSinks | None = None
@@ -190,7 +193,19 @@ class Trainer:
                 progress.close()
             if self.sinks is not None:
                 self.sinks.close()
+            self._finish_uploads()
         return results
+
+    def _finish_uploads(self) -> None:
+        """Wait for the remote copies of this run's checkpoints (train.remote_dir)."""
+        if self.remote is None:
+            return
+        if self.remote.pending:
+            self.say(f"waiting for {self.remote.pending} checkpoint upload(s) to {self.remote.url}")
+        self.remote.wait()
+        if self.remote.failed:
+            self.say(f"warning: {len(self.remote.failed)} checkpoint upload(s) to {self.remote.url} failed this "
+                     f"session (see above); the local checkpoints in {self.run_dir / 'checkpoints'} are whole")
 
     def close_loaders(self) -> None:
         """Stop the persistent dataloader workers (the next fit() starts new ones)."""
@@ -354,6 +369,8 @@ class Trainer:
                                    f"checkpoint is {good[-1] if good else 'none'}. Free space or fix the output "
                                    f"directory, then continue with --resume latest") from exc
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last + 1, self.cfg.train.keep_every)
+            if self.remote is not None:
+                self.remote.upload(path)  # in the background
         barrier()
         return path
 
