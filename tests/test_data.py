@@ -108,3 +108,13 @@ def test_a_batch_pins_the_tensors_that_go_to_the_gpu(monkeypatch):
     assert isinstance(out, Batch) and [id(t) for t in pinned] == [id(batch.images), id(batch.texts)]
     assert torch.equal(out.images, batch.images) and torch.equal(out.texts, batch.texts)
     assert out.indices is batch.indices and out.bad == batch.bad
+
+
+def test_augment_options_reach_the_training_transform(tmp_path):
+    from cliptrain.training.setup import build_trainer
+    from conftest import micro_config
+    trainer = build_trainer(micro_config(tmp_path, augment={"ratio": [1.0, 1.0], "color_jitter": 0.2,
+                                                            "color_jitter_prob": 0.5, "grayscale_prob": 0.1}))
+    t = trainer.train_data.transform
+    assert t.train and (t.ratio, t.color_jitter, t.color_jitter_prob, t.grayscale_prob) == ((1.0, 1.0), 0.2, 0.5, 0.1)
+    assert trainer.evalset.dataset.transform.color_jitter == 0.0         # evaluation is never augmented

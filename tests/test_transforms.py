@@ -198,6 +198,27 @@ def test_train_full_crop_equals_eval_on_square_image():
     assert torch.equal(train(image), image_transform(16, train=False)(image))
 
 
+def test_grayscale_and_colour_jitter_options():
+    image = noise_image(32, 32)
+    full = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0)}       # no crop randomness: the eval pixels
+    plain = image_transform(16, train=False).to_uint8(image).double()
+    grey = image_transform(16, train=True, grayscale_prob=1.0, **full).to_uint8(image).double()
+    luma = 0.2989 * plain[0] + 0.587 * plain[1] + 0.114 * plain[2]   # ITU-R 601, as torchvision
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    assert float((grey[0] - luma).abs().max()) <= 1.0
+    jitter = image_transform(16, train=True, color_jitter=0.4, **full)
+    outs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        outs.append(jitter.to_uint8(image))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])   # seeded, and random
+    assert not torch.equal(outs[0].double(), plain)
+    never = image_transform(16, train=True, color_jitter=0.4, color_jitter_prob=0.0, **full)
+    assert torch.equal(never.to_uint8(image).double(), plain)
+    with pytest.raises(ValueError, match="color_jitter must be >= 0"):
+        image_transform(16, train=True, color_jitter=-1)
+
+
 def test_transform_pickles():
     transform = image_transform(16, train=False, interpolation="bilinear")
     clone = pickle.loads(pickle.dumps(transform))

@@ -88,6 +88,10 @@ def detect_source(path: str | None) -> str:
 class AugmentSection:
     """Image preprocessing; the image size comes from the model."""
     scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)  # aspect-ratio range of the random crop
+    color_jitter: float = 0.0           # brightness, contrast, saturation jitter by this factor, hue by a quarter
+    color_jitter_prob: float = 1.0      # chance that a training image is jittered (when color_jitter > 0)
+    grayscale_prob: float = 0.0         # chance that a training image is made grey
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic"
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
@@ -97,6 +101,10 @@ class AugmentSection:
     def __post_init__(self):
         _check(0 < self.scale[0] <= self.scale[1] <= 1, f"augment.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         _check(all(s > 0 for s in self.std), f"augment.std must be positive, got {self.std}")
+        _check(0 < self.ratio[0] <= self.ratio[1], f"augment.ratio must satisfy 0 < min <= max, got {self.ratio}")
+        _check(self.color_jitter >= 0, f"augment.color_jitter must be >= 0, got {self.color_jitter}")
+        _check(0 <= self.color_jitter_prob <= 1 and 0 <= self.grayscale_prob <= 1,
+               "augment.color_jitter_prob and augment.grayscale_prob must be in [0, 1]")
 
 
 @dataclass

@@ -176,8 +176,12 @@ class ImageTransform:
     def __init__(self, image_size: int, train: bool, mean: Sequence[float] = OPENAI_MEAN,
                  std: Sequence[float] = OPENAI_STD, interpolation: str = "bicubic",
                  scale: tuple[float, float] = (0.9, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), resize_mode: str = "shortest") -> None:
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), resize_mode: str = "shortest",
+                 color_jitter: float = 0.0, color_jitter_prob: float = 1.0, grayscale_prob: float = 0.0) -> None:
         _check_transform_args(image_size, mean, std, scale, ratio)
+        if color_jitter < 0 or not 0 <= color_jitter_prob <= 1 or not 0 <= grayscale_prob <= 1:
+            raise ValueError(f"color_jitter must be >= 0 and color_jitter_prob, grayscale_prob in [0, 1], got "
+                             f"{color_jitter}, {color_jitter_prob}, {grayscale_prob}")
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize_mode {resize_mode!r}; use one of {RESIZE_MODES}")
         mode = interpolation_mode(interpolation)
@@ -189,9 +193,16 @@ class ImageTransform:
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.resize_mode = resize_mode
+        self.color_jitter, self.color_jitter_prob, self.grayscale_prob = color_jitter, color_jitter_prob, grayscale_prob
         if self.train:  # on the uint8 tensor: about 1.6x faster than on the PIL image (benchmarks/data.py)
-            self.geometry = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(
-                image_size, scale=self.scale, ratio=self.ratio, interpolation=mode, antialias=True)])
+            steps = [v2.ToImage(), v2.RandomResizedCrop(image_size, scale=self.scale, ratio=self.ratio,
+                                                        interpolation=mode, antialias=True)]
+            if color_jitter > 0 and color_jitter_prob > 0:  # brightness, contrast, saturation by s, hue by s / 4
+                jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter, min(0.5, color_jitter / 4))
+                steps.append(v2.RandomApply([jitter], p=color_jitter_prob))
+            if grayscale_prob > 0:
+                steps.append(v2.RandomGrayscale(grayscale_prob))
+            self.geometry = v2.Compose(steps)
         elif resize_mode == "squash":  # PIL resampling, as the reference CLIP preprocessing does
             self.geometry = v2.Compose([v2.Resize((image_size, image_size), interpolation=mode, antialias=True),
                                         v2.ToImage()])
@@ -221,19 +232,24 @@ class ImageTransform:
         kind = "train" if self.train else "eval"
         return (f"ImageTransform({kind}, image_size={self.image_size}, "
                 f"interpolation={self.interpolation!r}, scale={self.scale}, ratio={self.ratio}, "
-                f"resize_mode={self.resize_mode!r})")
+                f"resize_mode={self.resize_mode!r}, color_jitter={self.color_jitter}, "
+                f"color_jitter_prob={self.color_jitter_prob}, grayscale_prob={self.grayscale_prob})")
 
 
 def image_transform(image_size: int, train: bool, mean: Sequence[float] = OPENAI_MEAN,
                     std: Sequence[float] = OPENAI_STD, interpolation: str = "bicubic",
                     scale: tuple[float, float] = (0.9, 1.0),
-                    ratio: tuple[float, float] = (3 / 4, 4 / 3), resize_mode: str = "shortest") -> ImageTransform:
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3), resize_mode: str = "shortest",
+                    color_jitter: float = 0.0, color_jitter_prob: float = 1.0,
+                    grayscale_prob: float = 0.0) -> ImageTransform:
     """Build the CLIP preprocessing transform.
 
-    train: to_rgb -> RandomResizedCrop(image_size, scale, ratio) -> float in [0, 1] -> Normalize.
+    train: to_rgb -> RandomResizedCrop(image_size, scale, ratio) -> [ColorJitter with probability
+           color_jitter_prob] -> [RandomGrayscale(grayscale_prob)] -> float in [0, 1] -> Normalize.
     eval:  to_rgb -> Resize(shorter side to image_size) -> CenterCrop(image_size) -> float -> Normalize;
            with resize_mode "squash" (SigLIP): Resize to image_size x image_size, no crop.
     Random crops draw from the global torch RNG, so seeding it per sample makes them reproducible.
     """
     return ImageTransform(image_size, train, mean=mean, std=std, interpolation=interpolation,
-                          scale=scale, ratio=ratio, resize_mode=resize_mode)
+                          scale=scale, ratio=ratio, resize_mode=resize_mode, color_jitter=color_jitter,
+                          color_jitter_prob=color_jitter_prob, grayscale_prob=grayscale_prob)

@@ -262,8 +262,10 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     cfg = preprocessing_from_model(cfg, model)
     ckpt.seed_rng(cfg.train.seed, world.rank)  # step-time randomness differs per rank
     a = cfg.augment
-    train_data = build_train_data(cfg, train_src, image_transform(size, True, a.mean, a.std, a.interpolation,
-                                                                   a.scale), tokenizer)
+    train_transform = image_transform(size, True, a.mean, a.std, a.interpolation, a.scale, a.ratio,
+                                      color_jitter=a.color_jitter, color_jitter_prob=a.color_jitter_prob,
+                                      grayscale_prob=a.grayscale_prob)
+    train_data = build_train_data(cfg, train_src, train_transform, tokenizer)
     if world.is_main:
         check_output_dir(run_dir, checkpoint_size(model))
         save_config(cfg, run_dir / "config.yaml")
