@@ -124,3 +124,32 @@ def test_prune_keeps_last_k_plus_every_nth(tmp_path):
     ckpt.prune_checkpoints(tmp_path, keep_last=2, keep_every=3)
     assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path)] == [3, 6, 7, 8]
     assert not list((tmp_path / "checkpoints").glob(".*"))  # nothing half-deleted left behind
+
+
+def test_remote_copies_on_an_object_store(tmp_path):
+    # fsspec's memory filesystem behaves like S3 (no real directories). Uploads are pruned like local
+    # checkpoints, a copy of the same step is replaced whole, a new run refuses an occupied remote, and a
+    # download replaces a damaged local copy.
+    import uuid
+    from cliptrain.training.remote import RemoteCheckpoints
+    url = f"memory://bucket/{uuid.uuid4().hex}/run"
+    remote = RemoteCheckpoints(url, keep_last=2, log=lambda _: None)
+    remote.refuse_new_run()                                       # empty: a new run may use it
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        remote.upload(save(run, step))
+        ckpt.prune_checkpoints(run, 1)                            # locally only the newest: uploads unharmed
+    assert remote.wait(30) and remote.failed == [] and remote.steps() == ([2, 3], [])
+    remote.fs.pipe_file(remote._remote("step_0000003", "stale.bin"), b"left over")
+    remote.fs.rm(remote._remote("step_0000003", ckpt.MANIFEST))  # an upload cut off...
+    remote.upload(ckpt.checkpoint_dir(run, 3))                   # ...done again: the old copy goes first
+    assert remote.wait(30) and remote.steps() == ([2, 3], [])
+    assert not remote.fs.exists(remote._remote("step_0000003", "stale.bin"))
+    with pytest.raises(FileExistsError, match="already holds checkpoints of a run"):
+        remote.refuse_new_run()
+    with open(ckpt.checkpoint_dir(run, 3) / "model.safetensors", "r+b") as f:   # the local copy is damaged
+        f.seek(64)
+        f.write(b"\x00" * 8)
+    assert remote.download_latest(run) == ckpt.checkpoint_dir(run, 3)
+    assert ckpt.verify_checkpoint(ckpt.checkpoint_dir(run, 3)) == []
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]   # no snapshot left

@@ -148,7 +148,9 @@ def test_peer_watch_reports_a_published_failure_and_a_lost_store():
         report_failure(me, RuntimeError("mine"))                 # this rank's own failure: not a peer's
         time.sleep(0.2)
         assert seen == []
+        dist.distributed_c10d._get_default_store().delete_key("cliptrain/error/any")  # the first failure stays
         report_failure(peer, RuntimeError("CUDA out of memory"))
+        report_failure(World(rank=2, world_size=3), RuntimeError("a consequence"))
         assert told.wait(5) and seen == ["rank 1: RuntimeError: CUDA out of memory"]
         done.set()
         seen.clear()

@@ -71,6 +71,10 @@ def test_checkpoints_are_copied_to_remote_dir_and_a_new_machine_resumes_from_it(
     for path in local:
         for f in path.iterdir():
             assert (remote / path.name / f.name).read_bytes() == f.read_bytes()
+    # An upload cut off (no manifest) is done again when the run resumes from that checkpoint.
+    (remote / "step_0000004" / "manifest.json").unlink()
+    again = build_trainer(micro_config(tmp_path / "b", train={**train, "resume": "latest"}))
+    assert again.step == 4 and again.remote.wait(60) and (remote / "step_0000004" / "manifest.json").is_file()
     # A new machine: the run directory is gone, and the newest remote copy is damaged.
     shutil.rmtree(tmp_path / "b" / "run")
     with open(remote / "step_0000004" / "model.safetensors", "r+b") as f:

@@ -215,7 +215,7 @@ def report_failure(world: World, exc: BaseException) -> None:
         store = dist.distributed_c10d._get_default_store()
         message = f"rank {world.rank}: {type(exc).__name__}: {exc}"
         store.set(_error_key(world.rank), message)
-        store.set(_ANY_ERROR, message)  # the one key `watch_peers` polls
+        store.compare_set(_ANY_ERROR, "", message)  # the one key `watch_peers` polls: the first failure stays
     except Exception:  # noqa: BLE001 - best effort while failing
         pass
 

@@ -56,9 +56,9 @@ def fetch_remote_checkpoint(cfg: RunConfig, run_dir: Path, world: World) -> None
     """Resuming where the run has no valid local checkpoint (a new machine, a lost disk): rank 0 downloads the
     newest remote one (`train.remote_dir`) into the run directory, which every rank then reads."""
     if world.is_main and ckpt.resolve_resume("auto", run_dir) is None:
-        ckpt_path = RemoteCheckpoints(cfg.train.remote_dir).download_latest(run_dir)
-        if ckpt_path is None:
-            print(f"no checkpoint under train.remote_dir {cfg.train.remote_dir} either")
+        found = RemoteCheckpoints(cfg.train.remote_dir).download_latest(run_dir)
+        if found is None and cfg.train.resume == "latest":
+            print(f"train.remote_dir {cfg.train.remote_dir} holds no valid checkpoint either")
     barrier()
 
 
@@ -229,6 +229,8 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         run_dir = Path(broadcast_object(str(run_dir)))  # a timestamped name must be the same on every rank
     if not cfg.train.resume:
         check_new_run_dir(run_dir)
+        if cfg.train.remote_dir and world.is_main:
+            RemoteCheckpoints(cfg.train.remote_dir).refuse_new_run()
     if cfg.train.resume in ("latest", "auto") and cfg.train.remote_dir:
         fetch_remote_checkpoint(cfg, run_dir, world)
     resume = ckpt.resolve_resume(cfg.train.resume, run_dir) if cfg.train.resume else None

@@ -165,6 +165,7 @@ class Trainer:
         stop = min(self.total_steps, stop_at or self.total_steps)
         progress = self._progress(stop)
         results: dict[str, float] = {}
+        completed = False  # whether fit() ends without an exception
         try:
             with self.stop:
                 while self.step < stop and not self.stop.stopping:
@@ -187,18 +188,23 @@ class Trainer:
                 if self.quality.bad_count(self.quality.run):
                     self.say(self.quality.summary("run"))
                 results = self.run_eval(final=True)
+            completed = True
         finally:
             self.close_loaders()
             if progress is not None:
                 progress.close()
             if self.sinks is not None:
                 self.sinks.close()
-            self._finish_uploads()
+            self._finish_uploads(completed)
         return results
 
-    def _finish_uploads(self) -> None:
-        """Wait for the remote copies of this run's checkpoints (train.remote_dir)."""
+    def _finish_uploads(self, completed: bool) -> None:
+        """Wait for the remote copies of this run's checkpoints (train.remote_dir); not when the run is failing,
+        whose error the other ranks are waiting to hear."""
         if self.remote is None:
+            return
+        if self.remote.pending and not completed:
+            self.say(f"warning: {self.remote.pending} checkpoint upload(s) to {self.remote.url} abandoned")
             return
         if self.remote.pending:
             self.say(f"waiting for {self.remote.pending} checkpoint upload(s) to {self.remote.url}")
@@ -390,6 +396,8 @@ class Trainer:
             raise ValueError(f"cannot resume {path} exactly: the data order changed ({'; '.join(changed)}). "
                              f"Resume with the run's train.seed, train.batch_size and training data.")
         self.step = state["step"]
+        if self.remote is not None and self.step not in self.remote.steps()[0]:  # its upload was cut off
+            self.remote.upload(Path(path))
         if not ckpt.restore_rng(state["rng"], self.world.rank, self.world.world_size, self.cfg.train.seed, self.step,
                                 self.device):
             self.say(f"note: the checkpoint holds no random stream for each of the {self.world.world_size} processes "
