@@ -262,12 +262,14 @@ def test_sharded_fsdp_checkpoints_resume_on_other_process_counts(tmp_path, refer
 
 
 
-@pytest.mark.parametrize("accum", [1, pytest.param(2, marks=pytest.mark.slow)])  # 1: the ring; 2: gathered
-def test_sigmoid_loss_two_processes_equal_one(tmp_path, accum):
+# accum 1: the ring; accum 2: gathered features. Under FSDP the logit scale and bias are plain parameters
+# whose ring gradients differ by rank: the step averages them (before, the ranks drifted apart).
+@pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("fsdp", 1), pytest.param("ddp", 2, marks=pytest.mark.slow)])
+def test_sigmoid_loss_two_processes_equal_one(tmp_path, strategy, accum):
     from conftest import MICRO_ARCH
     siglip = {"arch": {**MICRO_ARCH, "init_logit_scale": 2.302585092994046, "init_logit_bias": -10.0}}
     run(write_config(tmp_path, "one", model=siglip, train={"accum_steps": accum}), 1)
-    run(write_config(tmp_path, "two", model=siglip, train={"accum_steps": accum}), 2)
+    run(write_config(tmp_path, "two", model=siglip, train={"accum_steps": accum}, dist={"strategy": strategy}), 2)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert "logit_bias" in one and float(one["logit_bias"]) != -10.0  # the bias was trained
     assert_close(two, one)

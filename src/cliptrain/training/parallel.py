@@ -29,13 +29,27 @@ def wrap_model(model: nn.Module, world: World, strategy: str, precision: str, co
             for block in (tower.block_modules() if hasattr(tower, "block_modules") else tower.blocks):
                 fully_shard(block, mp_policy=policy)
             fully_shard(tower, mp_policy=policy)
-        # The logit scale stays a plain parameter: every rank computes the same global loss, so its
-        # gradient is already identical on every rank and needs no reduction.
+        # The logit scale (and bias) stay plain parameters, their gradients averaged by the trainer
+        # (average_unsharded_grads): a loss taken on each rank's own rows gives each rank another one.
     elif world.distributed:
         from torch.nn.parallel import DistributedDataParallel
         ids = [world.device.index] if world.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
     return compile_model(model) if compile else model
+
+
+def average_unsharded_grads(model: nn.Module) -> None:
+    """Under FSDP2, average over ranks the gradients of the parameters it does not manage (the logit scale
+    and bias: no DDP reduces them). They agree already when every rank computes the global loss; with a
+    loss that each rank takes on its own rows (SigLIP's ring) they differ, and unaveraged the ranks' copies
+    would drift apart. Nothing happens without FSDP."""
+    if not is_fsdp(model):
+        return
+    from torch.distributed.tensor import DTensor
+    from cliptrain.distributed import mean_over_ranks
+    for p in unwrap(model).parameters():
+        if p.grad is not None and not isinstance(p, DTensor):
+            p.grad.copy_(mean_over_ranks(p.grad))
 
 
 def _towers(model: nn.Module) -> tuple[nn.Module, ...]:

@@ -23,8 +23,9 @@ from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_s
 from cliptrain.training.optim import build_optimizer, lr_at, set_lr
 from cliptrain.training.precision import grad_scaler, resolve_precision
 from cliptrain.training.remote import RemoteCheckpoints
-from cliptrain.training.parallel import (full_norm, is_fsdp, load_optimizer_state_dict, load_sharded,
-                                         model_state_dict, no_sync, optimizer_state_dict, save_sharded, wrap_model)
+from cliptrain.training.parallel import (average_unsharded_grads, full_norm, is_fsdp, load_optimizer_state_dict,
+                                         load_sharded, model_state_dict, no_sync, optimizer_state_dict, save_sharded,
+                                         wrap_model)
 from cliptrain.training.compile import is_compiled, warn_fallback
 from cliptrain.training.step import device_rng_state, forward_backward, set_device_rng_state
 
@@ -106,6 +107,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         batch = batch.to(self.device, self.memory_format)
         losses = self._forward_backward(batch)
+        average_unsharded_grads(self.model)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else float("inf")
         losses["grad_norm"] = full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
