@@ -136,6 +136,8 @@ def test_remote_copies_on_an_object_store(tmp_path):
     remote = RemoteCheckpoints(url, keep_last=2, log=lambda _: None)
     remote.refuse_new_run()                                       # empty: a new run may use it
     run = tmp_path / "run"
+    stale = run / "checkpoints" / ".step_0000001.uploading-123"   # left by a process killed mid-upload
+    stale.mkdir(parents=True)
     for step in (1, 2, 3):
         remote.upload(save(run, step))
         ckpt.prune_checkpoints(run, 1)                            # locally only the newest: uploads unharmed

@@ -40,7 +40,9 @@ class RemoteCheckpoints:
     # ------------------------------------------------------------------ upload
     def upload(self, checkpoint: Path) -> None:
         """Queue `checkpoint` (a local checkpoint directory) for upload; training goes on meanwhile."""
-        if self._thread is None:
+        if self._thread is None:  # the first upload of this process: snapshots left by a killed one go
+            for stale in Path(checkpoint).parent.glob(".step_*.uploading-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             self._thread = threading.Thread(target=self._work, name="cliptrain-remote", daemon=True)
             self._thread.start()
         self._queue.put((Path(checkpoint).name, _snapshot(Path(checkpoint))))
