@@ -152,7 +152,8 @@ def test_peer_watch_reports_a_published_failure_and_a_lost_store():
         report_failure(peer, RuntimeError("CUDA out of memory"))
         report_failure(World(rank=2, world_size=3), RuntimeError("a consequence"))
         assert told.wait(5) and seen == ["rank 1: RuntimeError: CUDA out of memory"]
-        done.set()
+        done.stop()
+        assert not done.thread.is_alive()
         seen.clear()
         told.clear()
         watch_peers(me, interval_s=0.02, unreachable_polls=3, on_failure=tell, backends=("gloo",))

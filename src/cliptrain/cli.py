@@ -63,7 +63,7 @@ def cmd_train(argv: list[str]) -> int:
             raise RuntimeError(f"stopping because {peer}") from exc
         raise
     finally:
-        watching.set()
+        watching.stop()
         shutdown()
     if trainer.stop.stopping:
         return 128 + trainer.stop.stopping

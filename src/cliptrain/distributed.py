@@ -239,16 +239,24 @@ def _published_failure(world: World) -> str | None:
 
 
 class PeerWatch(threading.Event):
-    """What `watch_peers` returns: set it to end the watch; `active` says whether a thread watches."""
+    """What `watch_peers` returns: set it (or `stop()`) to end the watch; `active` says whether a thread
+    watches."""
     active = False
     interval_s = 0.0
+    thread: threading.Thread | None = None
+
+    def stop(self) -> None:
+        """End the watch and wait for its thread to leave the store (before the process group goes)."""
+        self.set()
+        if self.thread is not None:
+            self.thread.join(timeout=max(5.0, 2 * self.interval_s))
 
 
 def watch_peers(world: World, interval_s: float = 2.0, unreachable_polls: int = 5,
                 on_failure: Callable[[str], None] | None = None, backends: tuple[str, ...] = ("nccl",)
                 ) -> PeerWatch:
     """Stop this process soon after another rank fails with an error it publishes (`report_failure`), with
-    that rank's message; returns the event that ends the watch (set it before leaving the process group).
+    that rank's message; returns the watch (`stop()` it before leaving the process group).
 
     Needed under NCCL: a rank waiting in a collective for a peer that has failed is not told; it hangs
     until dist.timeout_s, and then NCCL's watchdog aborts it without a word. (Gloo's collectives fail by
@@ -287,5 +295,6 @@ def watch_peers(world: World, interval_s: float = 2.0, unreachable_polls: int = 
 
     if world.distributed and dist.is_initialized() and dist.get_backend() in backends:
         done.active = True
-        threading.Thread(target=watch, name="cliptrain-peer-watch", daemon=True).start()
+        done.thread = threading.Thread(target=watch, name="cliptrain-peer-watch", daemon=True)
+        done.thread.start()
     return done
