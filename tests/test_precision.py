@@ -5,7 +5,6 @@ import torch
 
 from cliptrain.models import create_model
 from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.optim import param_groups
 from cliptrain.training.precision import grad_scaler, resolve_precision, use_tf32
 from cliptrain.training.setup import build_trainer
 
