@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -111,6 +112,19 @@ def test_resume_from_a_path_continues_in_that_run_and_drops_rows_after_it(tmp_pa
     trainer.sinks.close()
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [2]
+
+
+def test_patch_dropout_may_change_on_resume(tmp_path, capsys):
+    # FLIP trains with masking, then tunes without: patch dropout changes training, not the weights.
+    model = {"arch": {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], "patch_dropout": 0.5}}}
+    build_trainer(micro_config(tmp_path, model=model, train={"steps": 2})).fit()
+    unmasked = {"arch": {"vision": {"patch_dropout": 0.0}}}
+    trainer = build_trainer(micro_config(tmp_path, model=unmasked, train={"steps": 4, "resume": "latest"}))
+    assert "model.arch.vision.patch_dropout: 0.5 in the checkpoint, 0.0 from here on" in capsys.readouterr().out
+    assert trainer.step == 2 and ckpt.unwrap(trainer.model).cfg.vision.patch_dropout == 0.0
+    trainer.fit()
+    saved = yaml.safe_load((ckpt.list_checkpoints(tmp_path / "run")[-1] / "config.yaml").read_text())
+    assert saved["model"]["arch"]["vision"]["patch_dropout"] == 0.0
 
 
 @pytest.mark.parametrize("change, message", [

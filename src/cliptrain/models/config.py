@@ -11,6 +11,11 @@ from cliptrain.typed import ConfigError
 Projection = Literal["linear", "mlp", "none"]
 
 
+# Architecture fields that change how a model trains, not its weights: a resumed run may change them
+# (FLIP's last stage: resume with --model.arch.vision.patch_dropout 0), and a checkpoint loads whatever they are.
+TRAINING_ONLY_ARCH = ("vision.patch_dropout",)
+
+
 @dataclass
 class VisionConfig:
     """Image tower: our ViT, or any timm model when `timm_model` is set (the ViT shape fields are then unused)."""

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cliptrain.config import flatten, from_dict, to_dict
+from cliptrain.models.config import TRAINING_ONLY_ARCH
 
 MANIFEST = "manifest.json"
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "state.json", "config.yaml", "tokenizer.json")
@@ -261,7 +262,7 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
         # Through the config class, so fields added since the checkpoint was written take their defaults.
         saved, own = flatten(to_dict(from_dict(type(target.cfg), arch))), flatten(to_dict(target.cfg))
         diff = [f"{k}: checkpoint {saved.get(k)!r}, model {own.get(k)!r}"
-                for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k)]
+                for k in sorted(set(saved) | set(own)) if saved.get(k) != own.get(k) and k not in TRAINING_ONLY_ARCH]
         if diff:
             raise ValueError(f"checkpoint {directory} is of another model configuration: {'; '.join(diff)}")
     if not path.is_file():  # a sharded checkpoint, read into this single process

@@ -9,7 +9,8 @@ from typing import Callable
 import torch
 import yaml
 
-from cliptrain.config import ConfigError, RunConfig, detect_source, flatten, from_dict, save_config, to_dict
+from cliptrain.config import (ConfigError, RunConfig, deep_update, detect_source, flatten, from_dict, save_config,
+                              to_dict)
 from cliptrain.data import PairDataset, readable_only
 from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDataset
 from cliptrain.data.sources import open_source
@@ -20,7 +21,7 @@ from cliptrain.evaluation.evaluate import EvalSet
 from cliptrain.evaluation.prompts import load_classnames, load_templates
 from cliptrain.evaluation.tasks import ZeroShotTask
 from cliptrain.models import CLIP, build_model, create_model
-from cliptrain.models.config import CLIPConfig
+from cliptrain.models.config import CLIPConfig, TRAINING_ONLY_ARCH
 from cliptrain.hf_tokenizer import load_hf_tokenizer
 from cliptrain.models.convert import Imported, architecture_for_name, import_pretrained, resolve_architecture
 from cliptrain.models.convert.text_tokenizers import load_tokenizer
@@ -159,21 +160,27 @@ def source_captions(source, caption_key: str = "caption") -> list[str]:
     return [source.caption(i) for i in range(len(source))]
 
 
-def _model_config(cfg: RunConfig, resume: Path | None) -> CLIPConfig:
-    """The architecture: from the checkpoint when resuming (overrides must agree with it), else name + overrides."""
+def _model_config(cfg: RunConfig, resume: Path | None, say: Callable[[str], None] = print) -> CLIPConfig:
+    """The architecture: from the checkpoint when resuming (overrides must agree with it, but for the
+    TRAINING_ONLY_ARCH fields), else name + overrides."""
     try:
         wanted = architecture_for_name(cfg.model.name, **cfg.model.arch)[0]
     except ConfigError as exc:
         raise ConfigError(f"model.arch: {exc}") from None
     if resume is None:
         return wanted
-    saved = from_dict(CLIPConfig, yaml.safe_load((resume / "config.yaml").read_text())["model"]["arch"])
-    have = flatten(to_dict(saved))
-    diff = [f"model.arch.{k}: checkpoint {have.get(k)!r}, asked {v!r}"
-            for k, v in flatten(cfg.model.arch).items() if have.get(k) != v]
+    saved = yaml.safe_load((resume / "config.yaml").read_text())["model"]["arch"]
+    have = flatten(to_dict(from_dict(CLIPConfig, saved)))
+    changed = {k: v for k, v in flatten(cfg.model.arch).items() if have.get(k) != v}
+    diff = [f"model.arch.{k}: checkpoint {have.get(k)!r}, asked {v!r}" for k, v in changed.items()
+            if k not in TRAINING_ONLY_ARCH]
     if diff:
         raise ConfigError(f"checkpoint {resume} has a different architecture: {'; '.join(diff)}")
-    return saved
+    for key, value in changed.items():
+        say(f"model.arch.{key}: {have.get(key)!r} in the checkpoint, {value!r} from here on")
+        section, name = key.split(".")
+        saved = deep_update(saved, {section: {name: value}})
+    return from_dict(CLIPConfig, saved)
 
 
 def from_pretrained(cfg: RunConfig, say: Callable[[str], None] = print
@@ -239,7 +246,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     if cfg.model.pretrained and resume is None:
         cfg, model_cfg, tokenizer, imported = from_pretrained(cfg, print if world.is_main else lambda _: None)
     else:
-        model_cfg = _model_config(cfg, resume)
+        model_cfg = _model_config(cfg, resume, print if world.is_main else (lambda _: None))
         if cfg.model.pretrained and resume is not None:
             cfg = _pretrained_preprocessing(cfg, resume)
     size = model_cfg.vision.image_size
