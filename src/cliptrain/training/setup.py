@@ -53,6 +53,19 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
     return out / f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def resume_point(cfg: RunConfig, run_dir: Path, world: World) -> Path | None:
+    """The checkpoint `train.resume` names (fetched from `train.remote_dir` where the run has none), or None for
+    a new run, which may not take over the directories of another."""
+    if not cfg.train.resume:
+        check_new_run_dir(run_dir)
+        if cfg.train.remote_dir and world.is_main:
+            RemoteCheckpoints(cfg.train.remote_dir).refuse_new_run()
+        return None
+    if cfg.train.resume in ("latest", "auto") and cfg.train.remote_dir:
+        fetch_remote_checkpoint(cfg, run_dir, world)
+    return ckpt.resolve_resume(cfg.train.resume, run_dir)
+
+
 def fetch_remote_checkpoint(cfg: RunConfig, run_dir: Path, world: World) -> None:
     """Resuming where the run has no valid local checkpoint (a new machine, a lost disk): rank 0 downloads the
     newest remote one (`train.remote_dir`) into the run directory, which every rank then reads."""
@@ -234,13 +247,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     run_dir = resolve_run_dir(cfg)
     if world.distributed:
         run_dir = Path(broadcast_object(str(run_dir)))  # a timestamped name must be the same on every rank
-    if not cfg.train.resume:
-        check_new_run_dir(run_dir)
-        if cfg.train.remote_dir and world.is_main:
-            RemoteCheckpoints(cfg.train.remote_dir).refuse_new_run()
-    if cfg.train.resume in ("latest", "auto") and cfg.train.remote_dir:
-        fetch_remote_checkpoint(cfg, run_dir, world)
-    resume = ckpt.resolve_resume(cfg.train.resume, run_dir) if cfg.train.resume else None
+    resume = resume_point(cfg, run_dir, world)
     torch.manual_seed(cfg.train.seed)
     imported = None
     if cfg.model.pretrained and resume is None:
