@@ -111,19 +111,9 @@ def cmd_eval(argv: list[str]) -> int:
     import torch
 
     from cliptrain.evaluation.evaluate import format_table, write_results
-    from cliptrain.training.checkpoint import checkpoint_of
-    from cliptrain.training.precision import use_tf32
-    from cliptrain.training.setup import load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if (Path(args.checkpoint) / "config.yaml").is_file():
-        args.checkpoint = str(checkpoint_of(args.checkpoint))  # a run directory: its newest checkpoint
-        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
-        use_tf32(cfg.train.tf32, device)  # as the run evaluated
-    else:   # open_clip / OpenAI / Hugging Face weights: evaluated with the default run config's data
-        model, tokenizer, cfg = _imported(args.checkpoint, device)
-        args.output = args.output or str(Path(args.checkpoint) if Path(args.checkpoint).is_dir()
-                                          else Path(args.checkpoint).parent)
+    model, tokenizer, cfg = _load_for_eval(args, device)
     if args.precision:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=args.precision))
     if args.zeroshot or args.retrieval or args.linear_probe:
@@ -137,6 +127,24 @@ def cmd_eval(argv: list[str]) -> int:
     write_results(results, args.output or args.checkpoint, title)
     print(format_table(results, title))
     return 0
+
+
+def _load_for_eval(args, device):
+    """(model, tokenizer, run config) of `--checkpoint`; a run directory becomes its newest checkpoint, and
+    weights of another format get an output folder beside them."""
+    from cliptrain.training.checkpoint import checkpoint_of
+    from cliptrain.training.precision import use_tf32
+    from cliptrain.training.setup import load_checkpoint
+
+    if (Path(args.checkpoint) / "config.yaml").is_file():
+        args.checkpoint = str(checkpoint_of(args.checkpoint))
+        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
+        use_tf32(cfg.train.tf32, device)  # as the run evaluated
+        return model, tokenizer, cfg
+    # open_clip / OpenAI / Hugging Face weights: evaluated with the default run config's data
+    args.output = args.output or str(Path(args.checkpoint) if Path(args.checkpoint).is_dir()
+                                      else Path(args.checkpoint).parent)
+    return _imported(args.checkpoint, device)
 
 
 def _imported(path: str, device):
