@@ -175,22 +175,24 @@ def start_ranks(config, port):
     return procs
 
 
-def wait_for_log_rows(procs, log, rows, timeout=120):
-    deadline = time.time() + timeout
+def long_run_started(tmp_path, name, timeout_s, rows, wait=120):
+    """Two hand-started ranks of an endless run, once it has logged `rows` rows."""
+    config = write_config(tmp_path, name, train={"steps": 100000, "save_every": 0, "accum_steps": 1},
+                          dist={"timeout_s": timeout_s})
+    procs, log = start_ranks(config, free_port()), tmp_path / name / "log.jsonl"
+    deadline = time.time() + wait
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= rows):
         assert all(p.poll() is None for p in procs), [p.communicate(timeout=5)[0][-2000:] for p in procs]
         time.sleep(0.05)
     assert log.exists() and len(log.read_text().splitlines()) >= rows, "training did not start"
+    return procs
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     # Preemption may signal one process only: the ranks agree at the next step boundary, save one
     # checkpoint together and all exit with 128 + SIGTERM (before, the signalled rank left the collectives
     # alone and the other waited for it until dist.timeout_s).
-    config = write_config(tmp_path, "term", train={"steps": 100000, "save_every": 0, "accum_steps": 1},
-                          dist={"timeout_s": 60})
-    procs = start_ranks(config, free_port())
-    wait_for_log_rows(procs, tmp_path / "term" / "log.jsonl", 3)
+    procs = long_run_started(tmp_path, "term", timeout_s=60, rows=3)
     procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=90)[0] for p in procs]
     assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs
@@ -200,10 +202,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 
 def test_killing_one_rank_stops_the_other_within_the_timeout(tmp_path):
-    config = write_config(tmp_path, "kill", train={"steps": 100000, "save_every": 0, "accum_steps": 1},
-                          dist={"timeout_s": 20})
-    procs = start_ranks(config, free_port())
-    wait_for_log_rows(procs, tmp_path / "kill" / "log.jsonl", 2)
+    procs = long_run_started(tmp_path, "kill", timeout_s=20, rows=2)
     procs[1].send_signal(signal.SIGKILL)
     start = time.time()
     out = procs[0].communicate(timeout=60)[0]
