@@ -239,11 +239,14 @@ def _published_failure(world: World) -> str | None:
 
 
 class PeerWatch(threading.Event):
-    """What `watch_peers` returns: set it (or `stop()`) to end the watch; `active` says whether a thread
-    watches."""
-    active = False
+    """What `watch_peers` returns: set it (or `stop()`) to end the watch."""
     interval_s = 0.0
     thread: threading.Thread | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether a thread watches."""
+        return self.thread is not None
 
     def stop(self) -> None:
         """End the watch and wait for its thread to leave the store (before the process group goes)."""
@@ -294,7 +297,6 @@ def watch_peers(world: World, interval_s: float = 2.0, unreachable_polls: int = 
                 return
 
     if world.distributed and dist.is_initialized() and dist.get_backend() in backends:
-        done.active = True
         done.thread = threading.Thread(target=watch, name="cliptrain-peer-watch", daemon=True)
         done.thread.start()
     return done
