@@ -99,8 +99,8 @@ def _our_config(shape: str):
 
 def run_ours(shape: str, batch: int, precision: str, steps: int, warmup: int, device: str,
              compile: bool = False, threads: int | None = None, keep_memory: bool = True) -> dict:
-    from cliptrain.config import OptimSection
-    from cliptrain.losses import build_objective
+    from cliptrain.base.config import OptimSection
+    from cliptrain.objectives import build_objective
     from cliptrain.models import create_model
     from cliptrain.training.optim import build_optimizer
     from cliptrain.training.step import forward_backward

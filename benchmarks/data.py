@@ -54,8 +54,8 @@ def main() -> None:
     from cliptrain.data.convert import convert_to_shards
     from cliptrain.data.streaming import ShardSet, ShardStream
     from cliptrain.data.tables import TableSource
-    from cliptrain.tokenizer import train_bpe
-    from cliptrain.transforms import image_transform
+    from cliptrain.text.tokenizer import train_bpe
+    from cliptrain.data.transforms import image_transform
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

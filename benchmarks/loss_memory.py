@@ -20,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cliptrain.losses import contrastive_loss
-from cliptrain.tiled_loss import tiled_contrastive_loss
+from cliptrain.objectives import contrastive_loss
+from cliptrain.objectives.tiled import tiled_contrastive_loss
 
 
 def _peak_bytes(device: torch.device) -> int:

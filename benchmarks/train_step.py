@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from cliptrain.losses import ContrastiveLoss
+from cliptrain.objectives import ContrastiveLoss
 from cliptrain.models import create_model
 from cliptrain.models.flops import train_flops
 from cliptrain.training.host_memory import keep_freed_memory
 from cliptrain.training.optim import build_optimizer
-from cliptrain.config import OptimSection
-from cliptrain.training.precision import DTYPES, resolve_precision
+from cliptrain.base.config import OptimSection
+from cliptrain.base.precision import DTYPES, resolve_precision
 from cliptrain.training.step import forward_backward
 
 

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT
     from cliptrain.evaluation.captioning import caption_accuracy, generate_captions, names_class
-    from cliptrain.training.setup import build_evalset, build_sources, load_checkpoint
+    from cliptrain.checkpoint.load import load_checkpoint
+    from cliptrain.training.build import build_evalset, build_sources
 
     model, tokenizer, cfg = load_checkpoint(args.checkpoint)
     if cfg.data.resolved_source() != "shapes":

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from cliptrain.config import load_config
+from cliptrain.base.config import load_config
 
 # A CLIP small enough that a training step takes milliseconds.
 MICRO_ARCH = {"embed_dim": 32,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cliptrain.losses import build_objective
+from cliptrain.objectives import build_objective
 from cliptrain.models import create_model
 from cliptrain.training.step import forward_backward
 
@@ -93,7 +93,7 @@ def test_patch_dropout_keeps_the_requested_fraction_in_training_only():
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_distillation_keeps_accumulation_exact(k):
-    from cliptrain.losses import DistillLoss
+    from cliptrain.objectives import DistillLoss
     images, texts = batch()
     torch.manual_seed(7)
     teacher = create_model("tiny", **MICRO_ARCH).requires_grad_(False)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cliptrain.models import create_model
-from cliptrain.tokenizer import train_bpe
-from cliptrain.training import checkpoint as ckpt
+from cliptrain.text.tokenizer import train_bpe
+from cliptrain.checkpoint import store as ckpt
 
 from conftest import MICRO_ARCH
 
@@ -131,7 +131,7 @@ def test_remote_copies_on_an_object_store(tmp_path):
     # checkpoints, a copy of the same step is replaced whole, a new run refuses an occupied remote, and a
     # download replaces a damaged local copy.
     import uuid
-    from cliptrain.training.remote import RemoteCheckpoints
+    from cliptrain.checkpoint.remote import RemoteCheckpoints
     url = f"memory://bucket/{uuid.uuid4().hex}/run"
     remote = RemoteCheckpoints(url, keep_last=2, log=lambda _: None)
     remote.refuse_new_run()                                       # empty: a new run may use it

@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from cliptrain.cli import main
-from cliptrain.training import checkpoint as ckpt
+from cliptrain.app.cli import main
+from cliptrain.checkpoint import store as ckpt
 
 from conftest import MICRO_ARCH
 
@@ -82,13 +82,13 @@ def test_tokenizer_train_command(tmp_path):
     (tmp_path / "caps.txt").write_text("a red circle\na blue square\n" * 20)
     assert main(["tokenizer", "train", "--input", str(tmp_path / "caps.txt"), "--output",
                  str(tmp_path / "tok.json"), "--vocab-size", "300", "--context-length", "8"]) == 0
-    from cliptrain.tokenizer import Tokenizer
+    from cliptrain.text.tokenizer import Tokenizer
     tok = Tokenizer.load(tmp_path / "tok.json")
     assert tok.context_length == 8 and tok.decode(tok("A  Red circle")[0]) == "a red circle"
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "cliptrain.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "cliptrain", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "cliptrain <command>" in out.stdout
 
 
@@ -143,7 +143,7 @@ def test_table_run_without_validation_then_eval_with_it(tmp_path, capsys):
 def test_bad_arch_override_and_tokenizer_mismatch_messages(tmp_path, capsys):
     assert main(["train", "--model.arch.vision.layerz", "2", "--train.output_dir", str(tmp_path)]) == 2
     assert "error: model.arch: unknown key 'vision.layerz' (did you mean 'layers'?)" in capsys.readouterr().err
-    from cliptrain.tokenizer import train_bpe
+    from cliptrain.text.tokenizer import train_bpe
     train_bpe(["a red circle"] * 5, 300, 77).save(tmp_path / "tok.json")
     assert main(["train", "--tokenizer.path", str(tmp_path / "tok.json"), "--train.output_dir", str(tmp_path)]) == 2
     assert ("has context length 77 but the model has 32; set --model.arch.text.context_length 77"

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cliptrain.cli import main
-from cliptrain.losses import CaptionLoss, ContrastiveLoss, caption_token_losses
+from cliptrain.app.cli import main
+from cliptrain.objectives import CaptionLoss, ContrastiveLoss, caption_token_losses
 from cliptrain.models import ModelOutput, create_model
 from cliptrain.models.coca import CoCa
-from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.setup import build_trainer
+from cliptrain.checkpoint import store as ckpt
+from cliptrain.training.build import build_trainer
 from cliptrain.training.step import forward_backward
 
 from conftest import MICRO_ARCH, micro_config
@@ -182,7 +182,7 @@ def sequence_logprob(model, images, seqs):
     """Summed log-probability of each generated sequence's tokens up to its end-of-text (teacher forcing)."""
     out = model(images, seqs)
     logp = out.caption_logits.log_softmax(-1).gather(2, out.caption_labels[..., None])[..., 0]
-    from cliptrain.losses import caption_mask
+    from cliptrain.objectives import caption_mask
     return (logp * caption_mask(out.caption_labels, PAD, EOT)).sum(dim=1)
 
 
@@ -281,8 +281,8 @@ def test_caption_command_refuses_a_clip_checkpoint(tmp_path, capsys):
 
 def test_caption_val_loss_is_the_token_mean_over_the_set_whatever_the_batch_size(tmp_path):
     from cliptrain.evaluation.captioning import caption_val_loss
-    from cliptrain.training.setup import build_evalset, build_sources
-    from cliptrain.tokenizer import train_bpe
+    from cliptrain.training.build import build_evalset, build_sources
+    from cliptrain.text.tokenizer import train_bpe
 
     cfg = micro_config(tmp_path, data={"val_samples": 37})
     _, val, zs = build_sources(cfg, 32, train=False)

@@ -1,6 +1,6 @@
 import pytest
 
-from cliptrain.config import ConfigError, RunConfig, load_config, parse_overrides, save_config
+from cliptrain.base.config import ConfigError, RunConfig, load_config, parse_overrides, save_config
 
 
 def test_defaults_and_overrides(tmp_path):

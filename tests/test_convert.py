@@ -11,14 +11,14 @@ import pytest
 import torch
 import yaml
 
-from cliptrain.cli import main
+from cliptrain.app.cli import main
 from cliptrain.models import CLIP
 from cliptrain.models.config import CLIPConfig
-from cliptrain.models.convert import (Preprocess, architecture_for_name, export_hf, export_open_clip,
+from cliptrain.checkpoint.convert import (Preprocess, architecture_for_name, export_hf, export_open_clip,
                                       import_pretrained, resolve_architecture)
-from cliptrain.models.convert import open_clip as oc_format
-from cliptrain.tokenizer import load_clip_bpe
-from cliptrain.typed import ConfigError, from_dict, to_dict
+from cliptrain.checkpoint.convert import open_clip as oc_format
+from cliptrain.text.clip_bpe import load_clip_bpe
+from cliptrain.base.typed import ConfigError, from_dict, to_dict
 
 from datafiles import tiny_siglip_model
 
@@ -208,7 +208,7 @@ def test_hf_siglip_directory_imports_with_identical_embeddings(tmp_path):
     tok = imported.tokenizer
     ids = tok(["a b", "b a a"])
     assert ids.shape == (2, 16) and ids[0, :3].tolist() == [3, 4, 1] and ids[0, 3:].eq(tok.pad_id).all()
-    from cliptrain.models.convert.text_tokenizers import load_tokenizer
+    from cliptrain.text.files import load_tokenizer
     tok.save(tmp_path / "checkpoint")           # into a checkpoint: a marker tokenizer.json + the files
     assert torch.equal(load_tokenizer(tmp_path / "checkpoint")(["a b", "b a a"]), ids)
 
@@ -239,7 +239,7 @@ def test_clip_bpe_ids_equal_open_clip_and_transformers_tokenizers(tmp_path, clip
     theirs = SimpleTokenizer(str(clip_bpe_path))   # cleaning: ftfy, html.unescape x2, whitespace, lower
     assert torch.equal(ours(TRICKY), theirs(TRICKY, context_length=77))
 
-    from cliptrain.models.convert.text_tokenizers import load_hf_dir_tokenizer, write_hf_tokenizer
+    from cliptrain.text.files import load_hf_dir_tokenizer, write_hf_tokenizer
     write_hf_tokenizer(ours, tmp_path)
     assert torch.equal(load_hf_dir_tokenizer(tmp_path, 77)(TRICKY), ours(TRICKY))
     # transformers' CLIP tokenizers neither un-escape HTML nor (the tokenizers-backed one, the only one in
@@ -288,7 +288,7 @@ def test_activation_mismatch_is_refused_or_converted_never_silent(tmp_path, caps
 
 def test_checkpoint_config_without_the_new_model_fields_still_loads(tmp_path):
     from safetensors.torch import save_file
-    from cliptrain.training import checkpoint as ckpt
+    from cliptrain.checkpoint import store as ckpt
     from conftest import MICRO_ARCH
 
     from cliptrain.models import create_model
@@ -413,8 +413,8 @@ def test_coca_variants_cliptrain_cannot_represent_are_refused():
 
 
 def test_a_conv_stem_model_is_refused_by_both_exports():
-    from cliptrain.models.convert.hf import config_to_hf_clip
-    from cliptrain.models.convert.open_clip import config_to_open_clip
+    from cliptrain.checkpoint.convert.hf import config_to_hf_clip
+    from cliptrain.checkpoint.convert.open_clip import config_to_open_clip
     from cliptrain.models import create_model
     cfg = create_model("tiny", vision={"stem": "conv"}, text={"eot_token_id": 1023}).cfg
     for export in (config_to_open_clip, config_to_hf_clip):

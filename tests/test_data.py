@@ -5,8 +5,8 @@ from PIL import Image
 from cliptrain.data import Batch, Collate, EpochSampler, PairDataset, make_loader
 from cliptrain.data.shapes import ShapesDataset
 from cliptrain.data.tables import TableSource, read_captions
-from cliptrain.tokenizer import train_bpe
-from cliptrain.transforms import image_transform
+from cliptrain.text.tokenizer import train_bpe
+from cliptrain.data.transforms import image_transform
 
 
 def test_sampler_order_is_a_function_of_seed_epoch_position():
@@ -84,7 +84,7 @@ def test_parquet_and_caption_lists(tmp_path):
     from PIL import Image
 
     from cliptrain.data import PairDataset
-    from cliptrain.transforms import image_transform
+    from cliptrain.data.transforms import image_transform
     Image.new("RGB", (8, 8), "red").save(tmp_path / "r.png")
     pq.write_table(pa.table({"image": ["r.png", "r.png"], "caption": [["a red square", "red"], ["crimson"]]}),
                    tmp_path / "t.parquet")
@@ -111,7 +111,7 @@ def test_a_batch_pins_the_tensors_that_go_to_the_gpu(monkeypatch):
 
 
 def test_augment_options_reach_the_training_transform(tmp_path):
-    from cliptrain.training.setup import build_trainer
+    from cliptrain.training.build import build_trainer
     from conftest import micro_config
     trainer = build_trainer(micro_config(tmp_path, augment={"ratio": [1.0, 1.0], "color_jitter": 0.2,
                                                             "color_jitter_prob": 0.5, "grayscale_prob": 0.1}))

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cliptrain.cli import main
-from cliptrain.config import ConfigError, detect_source
+from cliptrain.app.cli import main
+from cliptrain.base.config import ConfigError, detect_source
 from cliptrain.data.quality import DataQualityError
-from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.setup import build_trainer
+from cliptrain.checkpoint import store as ckpt
+from cliptrain.training.build import build_trainer
 
 from conftest import micro_config
 from datafiles import build_bad_shards, image_bytes, write_shards

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cliptrain.training import checkpoint as ckpt
+from cliptrain.checkpoint import store as ckpt
 
 from conftest import micro_yaml
 
@@ -34,10 +34,10 @@ def write_config(tmp_path, name, **sections):
 
 def run(config, nproc, *extra, timeout=240):
     if nproc == 1:
-        cmd = [sys.executable, "-m", "cliptrain.cli", "train", "--config", str(config), *extra]
+        cmd = [sys.executable, "-m", "cliptrain", "train", "--config", str(config), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), "-m", "cliptrain.cli", "train", "--config", str(config), *extra]
+               "--master-port", str(free_port()), "-m", "cliptrain", "train", "--config", str(config), *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -134,7 +134,7 @@ def test_peer_watch_reports_a_published_failure_and_a_lost_store():
     import datetime
     import threading
     import torch.distributed as dist
-    from cliptrain.distributed import World, report_failure, watch_peers
+    from cliptrain.base.distributed import World, report_failure, watch_peers
     port, short = free_port(), datetime.timedelta(seconds=2)
     server = dist.TCPStore("127.0.0.1", port, 1, True, timeout=short, wait_for_workers=False)
     dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, 1, False, timeout=short),
@@ -170,7 +170,7 @@ def start_ranks(config, port):
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "cliptrain.cli", "train", "--config", str(config)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "cliptrain", "train", "--config", str(config)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -212,7 +212,7 @@ def test_killing_one_rank_stops_the_other_within_the_timeout(tmp_path):
 
 
 def test_slurm_environment_becomes_torchrun_variables():
-    from cliptrain.distributed import _first_host, env_from_slurm
+    from cliptrain.base.distributed import _first_host, env_from_slurm
     assert _first_host("gpu[003-005,010],cpu01") == "gpu003"
     assert _first_host("node7") == "node7"
     env = env_from_slurm({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
@@ -223,9 +223,9 @@ def test_slurm_environment_becomes_torchrun_variables():
 
 
 def test_batch_size_must_split_over_processes(tmp_path):
-    from cliptrain.config import ConfigError
-    from cliptrain.distributed import World
-    from cliptrain.training.setup import build_trainer
+    from cliptrain.base.config import ConfigError
+    from cliptrain.base.distributed import World
+    from cliptrain.training.build import build_trainer
     from conftest import micro_config
     with pytest.raises(ConfigError, match=r"train.batch_size \(32\) must be divisible by the number of processes "
                                           r"\(3\) times train.accum_steps \(1\)"):
@@ -243,7 +243,7 @@ def test_rank_split_covers_each_global_batch_once():
 
 def load_weights(checkpoint):
     """Weights of any checkpoint format, through the loader `cliptrain eval` uses."""
-    from cliptrain.training.setup import load_checkpoint
+    from cliptrain.checkpoint.load import load_checkpoint
     model, _, _ = load_checkpoint(checkpoint)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -292,7 +292,7 @@ def test_an_error_on_one_rank_stops_the_other_with_its_message(tmp_path):
     for rank, config in enumerate((good, bad)):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "cliptrain.cli", "train", "--config", str(config)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "cliptrain", "train", "--config", str(config)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     start = time.time()
     outs = [p.communicate(timeout=90)[0] for p in procs]

@@ -11,10 +11,11 @@ import torch
 
 from cliptrain.data import PairDataset
 from cliptrain.data.shapes import CLASS_NAMES, TEMPLATES, ShapesDataset
+from cliptrain.evaluation.encode import EvalContext
 from cliptrain.evaluation.evaluate import EvalSet, evaluate, rank_share
 from cliptrain.models import create_model
-from cliptrain.tokenizer import Tokenizer, train_bpe
-from cliptrain.transforms import image_transform
+from cliptrain.text.tokenizer import Tokenizer, train_bpe
+from cliptrain.data.transforms import image_transform
 
 from conftest import MICRO_ARCH
 
@@ -44,7 +45,7 @@ def evalset_and_model(folder):
 def zeroshot_task(folder):
     """The validation images as a class-folder dataset (one unreadable file among them): eval.zeroshot_data."""
     from cliptrain.evaluation.datasets import load_labelled_images
-    from cliptrain.evaluation.tasks import ZeroShotTask
+    from cliptrain.evaluation.evaluators import ZeroShotTask
     return ZeroShotTask(load_labelled_images(Path(folder) / "zs"), TEMPLATES[:2], image_transform(32, False))
 
 
@@ -90,7 +91,8 @@ def test_two_gloo_processes_equal_one(tmp_path, name):
     two = json.loads((tmp_path / "two.json").read_text())
     model, tokenizer, evalset = evalset_and_model(tmp_path)
     one = evaluate(model, evalset, tokenizer, torch.device("cpu"), batch_size=8)
-    one.update(zeroshot_task(tmp_path).run(model, tokenizer, torch.device("cpu"), batch_size=8, log=lambda _: None))
+    one.update(zeroshot_task(tmp_path).run(EvalContext(model, tokenizer, None, torch.device("cpu"), batch_size=8,
+                                                    log=lambda _: None)))
     assert one["samples"] == two["samples"] == one["zeroshot_data_samples"] == N
     assert one["zeroshot_data_skipped"] == 1
     assert two.keys() == one.keys()

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cliptrain.evaluation.datasets import load_labelled_images, load_retrieval_table
-from cliptrain.evaluation.tasks import EvalContext, run_linear_probe, run_retrieval, run_zeroshot
-from cliptrain.transforms import image_transform
+from cliptrain.evaluation.encode import EvalContext
+from cliptrain.evaluation.tasks import run_linear_probe, run_retrieval, run_zeroshot
+from cliptrain.data.transforms import image_transform
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "grey": (128, 128, 128)}
 NAMES = list(COLOURS)

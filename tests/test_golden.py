@@ -57,8 +57,8 @@ def _specs() -> dict[str, dict]:
 
 def full_config(spec: dict) -> dict:
     """`spec` with every default written out (run config and architecture), as stored in the golden file."""
-    from cliptrain.config import RunConfig, from_dict, to_dict
-    from cliptrain.models.convert import architecture_for_name
+    from cliptrain.base.config import RunConfig, from_dict, to_dict
+    from cliptrain.checkpoint.convert import architecture_for_name
     cfg = to_dict(from_dict(RunConfig, spec))
     cfg["model"]["arch"] = to_dict(architecture_for_name(cfg["model"]["name"], **cfg["model"]["arch"])[0])
     return cfg
@@ -80,9 +80,9 @@ def fingerprint() -> dict:
 
 def run_golden(configs: dict[str, dict], out: Path) -> dict[str, dict]:
     """Train each stored config in `out`; {name: {"steps": [{key: value}], "eval": {metric: value}}}."""
-    from cliptrain.config import RunConfig, from_dict
-    from cliptrain.training import checkpoint as ckpt
-    from cliptrain.training.setup import build_trainer
+    from cliptrain.base.config import RunConfig, from_dict
+    from cliptrain.checkpoint import store as ckpt
+    from cliptrain.training.build import build_trainer
     results, run_dirs = {}, {}
     for name, data in configs.items():
         data = json.loads(json.dumps(data))

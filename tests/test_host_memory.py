@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cliptrain.training.host_memory import keep_freed_memory
-from cliptrain.training.setup import build_trainer
+from cliptrain.training.build import build_trainer
 from conftest import micro_config
 
 # Counts the page faults of a step-like pattern: four 24 MiB tensors allocated, written and freed, eight

@@ -45,8 +45,10 @@ def test_lbfgs_reaches_the_minimum_that_gradient_descent_finds():
     for _ in range(300):
         p = torch.softmax(x @ rw + rb, dim=1)
         rw, rb = rw - 0.5 * (x.T @ (p - onehot) / len(y) + wd * rw), rb - 0.5 * (p - onehot).mean(dim=0)
-    torch.testing.assert_close(w, rw, rtol=0, atol=1e-8)
-    torch.testing.assert_close(b, rb, rtol=0, atol=1e-8)
+    # L-BFGS stops when the float64 loss no longer changes (a step of gradient g changes it by ~g^2, below its
+    # 1e-16 resolution once g ~ 1e-8): the parameters are then within a few 1e-8 (1.3e-8 seen on an AVX2 machine)
+    torch.testing.assert_close(w, rw, rtol=0, atol=5e-8)
+    torch.testing.assert_close(b, rb, rtol=0, atol=5e-8)
     _, gw, gb = probe_loss_and_grad(w, b, x, onehot, wd)
     assert max(float(gw.abs().max()), float(gb.abs().max())) < 1e-8
     # The default tolerance (max |gradient| 1e-6) is within 1e-5 of the minimiser here.

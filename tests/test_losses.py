@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from cliptrain.losses import ContrastiveLoss, contrastive_loss
+from cliptrain.objectives import ContrastiveLoss, contrastive_loss
 from cliptrain.models.clip import ModelOutput
 
 
@@ -57,7 +57,7 @@ def plain_sigmoid(img, txt, scale, bias):
 
 
 def test_sigmoid_loss_equals_plain_formula():
-    from cliptrain.losses import SigmoidLoss, sigmoid_loss
+    from cliptrain.objectives import SigmoidLoss, sigmoid_loss
     g = torch.Generator().manual_seed(4)
     img = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=-1)
@@ -69,7 +69,7 @@ def test_sigmoid_loss_equals_plain_formula():
 
 
 def test_distillation_loss_equals_plain_kl():
-    from cliptrain.losses import distillation_loss
+    from cliptrain.objectives import distillation_loss
     g = torch.Generator().manual_seed(5)
     feats = [torch.nn.functional.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=-1) for _ in range(4)]
     img, txt, t_img, t_txt = feats

@@ -209,7 +209,7 @@ def test_conv_stem_is_a_switch_and_the_patch_stem_stays_the_default():
 
 
 def test_a_conv_stem_model_trains(tmp_path):
-    from cliptrain.training.setup import build_trainer
+    from cliptrain.training.build import build_trainer
     from conftest import micro_config
     arch = {**MICRO_ARCH, "vision": {**MICRO_ARCH["vision"], "stem": "conv"}}
     trainer = build_trainer(micro_config(tmp_path, model={"arch": arch}, train={"steps": 2}))
@@ -224,9 +224,9 @@ def test_a_checkpoint_written_before_vision_stem_existed_loads(tmp_path):
 
     import yaml
 
-    from cliptrain.tokenizer import train_bpe
-    from cliptrain.training import checkpoint as ckpt
-    from cliptrain.training.setup import load_checkpoint
+    from cliptrain.text.tokenizer import train_bpe
+    from cliptrain.checkpoint import store as ckpt
+    from cliptrain.checkpoint.load import load_checkpoint
     model = create_model("tiny", **MICRO_ARCH)
     arch = dataclasses.asdict(model.cfg)
     del arch["vision"]["stem"]

@@ -12,7 +12,7 @@ pytest.importorskip("emoji", reason="needs the openmoji extra: pip install 'clip
 
 from cliptrain.data.openmoji import (  # noqa: E402
     RENDER_SIZE, TEMPLATES, OpenmojiSource, _require, base_name, catalogue, render)
-from cliptrain.training.setup import build_sources, build_trainer  # noqa: E402
+from cliptrain.training.build import build_sources, build_trainer  # noqa: E402
 
 from conftest import micro_config  # noqa: E402
 

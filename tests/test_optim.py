@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from cliptrain.config import OptimSection
+from cliptrain.base.config import OptimSection
 from cliptrain.models import create_model
 from cliptrain.training.optim import build_optimizer, lr_at, param_groups
 

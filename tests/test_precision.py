@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from cliptrain.models import create_model
-from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.precision import grad_scaler, resolve_precision, use_tf32
-from cliptrain.training.setup import build_trainer
+from cliptrain.checkpoint import store as ckpt
+from cliptrain.base.precision import grad_scaler, resolve_precision, use_tf32
+from cliptrain.training.build import build_trainer
 
 from conftest import MICRO_ARCH, micro_config
 
@@ -65,7 +65,7 @@ def test_compiled_model_is_unwrapped_for_saving_and_weight_decay(tmp_path):
 
 
 def test_objective_follows_the_model(tmp_path):
-    from cliptrain.losses import ContrastiveLoss, SigmoidLoss
+    from cliptrain.objectives import ContrastiveLoss, SigmoidLoss
     siglip = {"arch": {**MICRO_ARCH, "init_logit_bias": -10.0}}
     assert isinstance(build_trainer(micro_config(tmp_path / "a", model=siglip)).objective, SigmoidLoss)
     assert isinstance(build_trainer(micro_config(tmp_path / "b")).objective, ContrastiveLoss)

@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 
 import cliptrain
-from cliptrain.cli import main
-from cliptrain.models.convert import import_pretrained
-from cliptrain.models.convert import open_clip as oc_format
-from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.setup import build_trainer
+from cliptrain.app.cli import main
+from cliptrain.checkpoint.convert import import_pretrained
+from cliptrain.checkpoint.convert import open_clip as oc_format
+from cliptrain.checkpoint import store as ckpt
+from cliptrain.training.build import build_trainer
 
 from conftest import micro_config
 from datafiles import tiny_siglip_model
@@ -98,7 +98,7 @@ def test_embed_writes_npy_and_parquet(trained, tmp_path, capsys):
 
 
 def test_squash_resize_keeps_the_whole_image_and_shortest_crops_the_centre():
-    from cliptrain.transforms import image_transform
+    from cliptrain.data.transforms import image_transform
     wide = Image.new("RGB", (96, 32), "green")
     wide.paste((255, 0, 0), (0, 0, 32, 32))
     squash = image_transform(32, False, resize_mode="squash").to_uint8(wide)
@@ -175,7 +175,7 @@ def test_siglip_fine_tunes_checkpoints_resumes_and_loads_without_its_directory(t
 def test_siglip_exports_to_a_hugging_face_siglip_directory_with_identical_embeddings(tmp_path):
     import transformers
     from test_convert import TRICKY
-    from cliptrain.models.convert import export_hf
+    from cliptrain.checkpoint.convert import export_hf
     theirs_tok = write_tiny_siglip(tmp_path / "siglip")
     imported = import_pretrained(tmp_path / "siglip")
     ours = imported.model()
@@ -207,7 +207,7 @@ def test_siglip_exports_to_a_hugging_face_siglip_directory_with_identical_embedd
 
 def test_hf_export_refuses_what_a_siglip_model_cannot_represent_naming_it(tmp_path):
     from cliptrain.models import create_model
-    from cliptrain.models.convert import Preprocess, export_hf
+    from cliptrain.checkpoint.convert import Preprocess, export_hf
     small = {"embed_dim": 32, "vision": {"width": 32, "layers": 1, "heads": 2, "image_size": 32, "patch_size": 8},
              "text": {"width": 32, "layers": 1, "heads": 2, "vocab_size": 64, "context_length": 8}}
     siglip = {"vision": {**small["vision"], "patch_bias": True, "class_token": False, "ln_pre": False,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from cliptrain.config import RunConfig, to_dict
+from cliptrain.base.config import RunConfig, to_dict
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -12,9 +12,9 @@ import yaml
 import torch
 from safetensors.torch import load_file
 
-from cliptrain.training import checkpoint as ckpt
+from cliptrain.checkpoint import store as ckpt
 from cliptrain.training.guards import NonFiniteError
-from cliptrain.training.setup import build_trainer
+from cliptrain.training.build import build_trainer
 
 from conftest import MICRO_ARCH, micro_config, micro_yaml
 
@@ -26,7 +26,7 @@ def write_config(tmp_path, name, **train):
 
 
 def train_cmd(config):
-    return [sys.executable, "-m", "cliptrain.cli", "train", "--config", str(config), "--resume", "auto"]
+    return [sys.executable, "-m", "cliptrain", "train", "--config", str(config), "--resume", "auto"]
 
 
 def final_weights(run_dir):
@@ -226,7 +226,7 @@ def test_bad_output_directory_and_full_disk_fail_before_training(tmp_path, monke
     (["--train.batch_size", "0"], "error: train.batch_size must be > 0, got 0"),
 ])
 def test_bad_inputs_are_reported_before_any_work(tmp_path, capsys, args, message):
-    from cliptrain.cli import main
+    from cliptrain.app.cli import main
     assert main(["train", "--train.output_dir", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

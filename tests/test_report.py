@@ -11,12 +11,12 @@ import yaml
 from PIL import Image
 
 from cliptrain import load_for_harness
-from cliptrain.cli import main
+from cliptrain.app.cli import main
 from cliptrain.data.shapes import CLASS_NAMES, TEMPLATES, ShapesDataset
 from cliptrain.evaluation.retrieval import ranks
-from cliptrain.report import make_report
-from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.setup import build_trainer
+from cliptrain.app.report import make_report
+from cliptrain.checkpoint import store as ckpt
+from cliptrain.training.build import build_trainer
 
 from conftest import micro_config
 

@@ -6,8 +6,8 @@ import yaml
 import torch
 from safetensors.torch import load_file
 
-from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.setup import build_trainer
+from cliptrain.checkpoint import store as ckpt
+from cliptrain.training.build import build_trainer
 
 from conftest import MICRO_ARCH, micro_config
 

@@ -10,7 +10,7 @@ import torch
 from cliptrain.data.samples import BadSample
 from cliptrain.data.shards import expand_braces, group_samples, iter_tar, parse_sources, shard_sizes
 from cliptrain.data.streaming import ShardSamples, ShardSet, ShardStream, segment_pieces
-from cliptrain.transforms import image_transform
+from cliptrain.data.transforms import image_transform
 from datafiles import build_bad_shards, micro_tokenizer, write_shards, write_tar
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cliptrain.losses import contrastive_loss, sigmoid_loss
-from cliptrain.tiled_loss import tiled_contrastive_loss, tiled_sigmoid_loss
+from cliptrain.objectives import contrastive_loss, sigmoid_loss
+from cliptrain.objectives.tiled import tiled_contrastive_loss, tiled_sigmoid_loss
 
 CASES = [(b, t) for b in (1, 7, 64, 300) for t in (1, 16, 64, 4096) if (b, t) != (300, 1)]  # 90k python tiles: slow
 
@@ -106,8 +106,8 @@ def test_rejects_bad_inputs():
 def test_training_with_the_tiled_loss_matches_the_plain_loss(tmp_path):
     from safetensors.torch import load_file
 
-    from cliptrain.training import checkpoint as ckpt
-    from cliptrain.training.setup import build_trainer
+    from cliptrain.checkpoint import store as ckpt
+    from cliptrain.training.build import build_trainer
 
     from conftest import micro_config
 

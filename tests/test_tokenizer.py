@@ -1,4 +1,4 @@
-"""Tests for cliptrain.tokenizer: trained byte-level BPE and OpenAI-CLIP BPE loading."""
+"""Tests for cliptrain.text.tokenizer: trained byte-level BPE and OpenAI-CLIP BPE loading."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 import tokenizers
 import torch
 
-from cliptrain.tokenizer import Tokenizer, load_clip_bpe, train_bpe
+from cliptrain.text.clip_bpe import load_clip_bpe
+from cliptrain.text.tokenizer import Tokenizer, train_bpe
 
 try:
     import regex

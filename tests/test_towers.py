@@ -12,9 +12,9 @@ import yaml
 from torch import nn
 
 from cliptrain.models import create_model
-from cliptrain.training import checkpoint as ckpt
+from cliptrain.checkpoint import store as ckpt
 from cliptrain.training.compile import CompileFallbackWarning
-from cliptrain.training.setup import build_trainer, load_checkpoint
+from cliptrain.training.build import build_trainer, load_checkpoint
 
 from conftest import MICRO_ARCH, micro_config
 
@@ -126,7 +126,7 @@ def test_hf_text_tower_trains_a_step_with_its_own_tokenizer(tmp_path, hf_dir):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_hf_pooling_equals_a_plain_computation(hf_dir, pooling):
-    from cliptrain.hf_tokenizer import load_hf_tokenizer
+    from cliptrain.text.hf import load_hf_tokenizer
     tokenizer = load_hf_tokenizer(hf_dir, 16)
     model = create_model("tiny", **_arch(hf=hf_dir, hf_pooling=pooling, pad_token_id=tokenizer.pad_id)).eval()
     plain = transformers.AutoModel.from_pretrained(hf_dir).eval()
@@ -311,7 +311,7 @@ def test_timm_prefix_names_a_timm_image_tower(tmp_path):
 
 
 def test_channels_last_trains_a_convolutional_tower_to_the_same_weights(tmp_path):
-    from cliptrain.training.trainer import use_channels_last
+    from cliptrain.training.build.model import use_channels_last
     arch = _arch({**TIMM_RESNET, "timm_pool": "avg"})
     runs = {}
     for setting in (False, True):

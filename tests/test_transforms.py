@@ -1,4 +1,4 @@
-"""Tests for cliptrain.transforms: to_rgb for every PIL mode, and the train/eval image transforms."""
+"""Tests for cliptrain.data.transforms: to_rgb for every PIL mode, and the train/eval image transforms."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptrain.transforms import (
+from cliptrain.data.transforms import (
     INTERPOLATIONS,
     OPENAI_MEAN,
     OPENAI_STD,

@@ -1,7 +1,7 @@
 """Weights & Biases in offline mode: logs without a network, and a resumed run continues the same W&B run."""
 import pytest
 
-from cliptrain.training.setup import build_trainer
+from cliptrain.training.build import build_trainer
 
 from conftest import micro_config
 

@@ -12,9 +12,9 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw
 
-from cliptrain.config import detect_source
+from cliptrain.base.config import detect_source
 from cliptrain.data.samples import BadSample
-from cliptrain.transforms import to_rgb
+from cliptrain.data.transforms import to_rgb
 
 __all__ = ["contact_sheet", "convert_to_shards", "inspect_data", "iter_pairs"]
 

@@ -6,7 +6,7 @@ from collections import Counter
 import torch
 
 from cliptrain.data.samples import REASONS
-from cliptrain.distributed import sum_over_ranks
+from cliptrain.base.distributed import sum_over_ranks
 
 __all__ = ["DataQuality", "DataQualityError"]
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptrain.data import PairDataset, make_loader
-from cliptrain.distributed import sum_over_ranks
-from cliptrain.losses import caption_mask
-from cliptrain.training.precision import autocast
+from cliptrain.base.distributed import sum_over_ranks
+from cliptrain.objectives.caption import caption_mask
+from cliptrain.base.precision import autocast
 
 
 def is_captioner(model: nn.Module) -> bool:
@@ -30,7 +30,7 @@ def caption_val_loss(model: nn.Module, dataset: PairDataset, tokenizer: Callable
     each rank scores its share (`rank_share`; the repeated padding rows are left out) and the sum
     and the count are summed over ranks before the division.
     """
-    from cliptrain.evaluation.evaluate import rank_share
+    from cliptrain.evaluation.encode import rank_share
 
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

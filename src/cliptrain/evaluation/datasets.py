@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from cliptrain.data import loader_generator
 from cliptrain.data.samples import FILE_IMAGE_SUFFIXES, BadSample, open_image_file
 from cliptrain.data.tables import read_rows
-from cliptrain.training.precision import autocast
+from cliptrain.base.precision import autocast
 
 __all__ = ["LabelledImages", "RetrievalSet", "encode_images", "load_labelled_images",
            "load_retrieval_table", "skipped_message"]
@@ -187,7 +187,7 @@ def encode_images(model, paths: Sequence[str], transform, device: torch.device, 
                   ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
     """(L2-normalised float32 features [n_ok, d] on CPU, indices of the images read, [(path, error)] of the rest).
 
-    ``transform`` is a :class:`cliptrain.transforms.ImageTransform` (``to_uint8`` then ``normalize``),
+    ``transform`` is a :class:`cliptrain.data.transforms.ImageTransform` (``to_uint8`` then ``normalize``),
     so every PIL mode is converted to RGB the same way as in training. When no image can be read: an error,
     or with ``strict=False`` features of shape [0, 0] (one rank's share may be all unreadable); then a batch of
     unreadable images also runs the model, on one blank image, so that every rank of a sharded (FSDP) model

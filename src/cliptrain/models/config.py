@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cliptrain.typed import ConfigError
+from cliptrain.base.typed import ConfigError
 
 
 Projection = Literal["linear", "mlp", "none"]

@@ -1,7 +1,6 @@
 """Transformer building blocks shared by the towers."""
 from __future__ import annotations
 
-import importlib
 
 import torch
 import torch.nn.functional as F
@@ -303,15 +302,6 @@ def lock_blocks(tower: nn.Module, blocks: nn.ModuleList, head: tuple, unlocked_l
 # --------------------------------------------------------------------------------------------
 # Shared by the adapter towers (timm image models, Hugging Face text models)
 # --------------------------------------------------------------------------------------------
-
-def import_optional(module: str, extra: str):
-    """Import an optional dependency, or fail naming the pip extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"this tower needs {module!r}, which is not installed; install it with "
-                          f"pip install 'cliptrain[{extra}]'") from exc
-
 
 def projection_head(kind: str, width: int, embed_dim: int, key: str) -> nn.Module:
     """The head from a tower's `width` features to `embed_dim`: linear, a 2-layer MLP, or none (same size)."""

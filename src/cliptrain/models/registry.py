@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from cliptrain.typed import deep_update, from_dict, to_dict
+from cliptrain.base.typed import deep_update, from_dict, to_dict
 from cliptrain.models.clip import CLIP
 from cliptrain.models.config import CLIPConfig
 

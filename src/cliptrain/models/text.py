@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from cliptrain.models.config import TextConfig
-from cliptrain.models.layers import (KV, AdapterTower, PoolIndex, Transformer, import_optional, lock_blocks, pick,
+from cliptrain.base.optional import import_optional
+from cliptrain.models.layers import (KV, AdapterTower, PoolIndex, Transformer, lock_blocks, pick,
                                      projection_head)
 
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from cliptrain.models.config import VisionConfig
-from cliptrain.models.layers import (AdapterTower, MAPHead, Transformer, import_optional, lock_blocks,
+from cliptrain.base.optional import import_optional
+from cliptrain.models.layers import (AdapterTower, MAPHead, Transformer, lock_blocks,
                                      projection_head)
 
 

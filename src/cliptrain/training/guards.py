@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cliptrain.distributed import max_over_ranks
+from cliptrain.base.distributed import max_over_ranks
 
 
 class NonFiniteError(RuntimeError):

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from cliptrain.config import OptimSection
+from cliptrain.base.config import OptimSection
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cliptrain.distributed import World
-from cliptrain.training.checkpoint import unwrap
+from cliptrain.base.distributed import World
+from cliptrain.checkpoint.store import unwrap
 from cliptrain.training.compile import compile_model
-from cliptrain.training.precision import DTYPES
+from cliptrain.base.precision import DTYPES
 
 
 def wrap_model(model: nn.Module, world: World, strategy: str, precision: str, compile: bool = False) -> nn.Module:
@@ -46,7 +46,7 @@ def average_unsharded_grads(model: nn.Module) -> None:
     if not is_fsdp(model):
         return
     from torch.distributed.tensor import DTensor
-    from cliptrain.distributed import mean_over_ranks
+    from cliptrain.base.distributed import mean_over_ranks
     for p in unwrap(model).parameters():
         if p.grad is not None and not isinstance(p, DTensor):
             p.grad.copy_(mean_over_ranks(p.grad))

@@ -8,9 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cliptrain.distributed import World, gather, gather_with_grad, mean_over_ranks, sum_over_ranks
+from cliptrain.base.distributed import World, gather, gather_with_grad, mean_over_ranks, sum_over_ranks
 from cliptrain.models.clip import ModelOutput
-from cliptrain.training.precision import autocast
+from cliptrain.base.precision import autocast
 
 # ModelOutput fields holding one row per sample; the others (logit_scale, logit_bias) are shared.
 PER_SAMPLE_FIELDS = ("image_features", "text_features", "teacher_image_features", "teacher_text_features")

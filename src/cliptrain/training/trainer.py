@@ -4,85 +4,61 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cliptrain.config import RunConfig, to_dict
-from cliptrain.distributed import World, barrier, broadcast_object, gather_object
+from cliptrain.base.config import RunConfig, to_dict
+from cliptrain.base.distributed import World, barrier, broadcast_object, gather_object
+from cliptrain.base.precision import grad_scaler
+from cliptrain.checkpoint import store as ckpt
+from cliptrain.checkpoint.remote import RemoteCheckpoints
 from cliptrain.data import Batch, EpochSampler, PairDataset, make_loader, shutdown_loader
 from cliptrain.data.quality import DataQuality
 from cliptrain.data.streaming import ShardStream
-from cliptrain.evaluation.evaluate import EvalSet, evaluate, format_table, write_results
-from cliptrain.evaluation.tasks import ZeroShotTask
-from cliptrain.logging import Meter, MetricSinks, truncate_log
-from cliptrain.losses import CaptionLoss, DistillLoss, build_objective
-from cliptrain.training import checkpoint as ckpt
-from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
-from cliptrain.training.optim import build_optimizer, lr_at, set_lr
-from cliptrain.training.precision import grad_scaler, resolve_precision
-from cliptrain.training.remote import RemoteCheckpoints
-from cliptrain.training.parallel import (average_unsharded_grads, full_norm, is_fsdp, load_optimizer_state_dict,
-                                         load_sharded, model_state_dict, no_sync, optimizer_state_dict, save_sharded,
-                                         wrap_model)
+from cliptrain.evaluation.encode import EvalContext
+from cliptrain.evaluation.evaluate import format_table, write_results
+from cliptrain.evaluation.evaluators import EvalSet, Evaluator, run_evaluators
+from cliptrain.training.build.model import PreparedModel
 from cliptrain.training.compile import is_compiled, warn_fallback
+from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
+from cliptrain.training.metrics import Meter, MetricSinks, truncate_log
+from cliptrain.training.optim import lr_at, set_lr
+from cliptrain.training.parallel import (average_unsharded_grads, full_norm, is_fsdp, load_optimizer_state_dict,
+                                         load_sharded, model_state_dict, no_sync, optimizer_state_dict, save_sharded)
 from cliptrain.training.step import device_rng_state, forward_backward, set_device_rng_state
 
 
-
-def use_channels_last(setting: bool | None, model: nn.Module, device: torch.device, sharded: bool = False) -> bool:
-    """Whether to train with NHWC images and image-tower weights (`train.channels_last`). Unset: on CUDA, when
-    the image tower has convolutions proper (kernel unlike stride: a ViT's patch embedding is a matmul), where
-    cuDNN's NHWC kernels are the fast ones; on this project's CPUs it measured the same either way. Never when
-    FSDP2 shards the model (`sharded`): it takes only contiguous parameters, and NHWC weights are not."""
-    if sharded and setting:
-        raise ValueError("train.channels_last stores the image tower's weights as NHWC, which FSDP2 cannot shard "
-                         "(it takes only contiguous parameters): use dist.strategy ddp, or leave "
-                         "train.channels_last unset (off under fsdp)")
-    if setting is not None:
-        return setting
-    convolutions = any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.visual.modules())
-    return device.type == "cuda" and convolutions and not sharded
+@dataclass
+class Parts:
+    """What a Trainer is made of, each part from its builder (training/build): the model prepared for the world,
+    the tokenizer, the training data, the objective, the optimizer, the validation set and the evaluators."""
+    model: PreparedModel
+    tokenizer: object
+    train_data: PairDataset | ShardStream
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    evaluators: list[Evaluator] = field(default_factory=list)
+    evalset: EvalSet | None = None       # the validation pairs the evaluators read (None: no validation data)
+    teacher: nn.Module | None = None     # distillation: the frozen teacher, on the run's device
 
 
 class Trainer:
-    """Trains `model` on `train_data` as configured, evaluating on `evalset` and saving to `run_dir`."""
+    """Trains the model of `parts` on its training data as configured, running its evaluators on a schedule and
+    saving checkpoints to `run_dir`."""
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, tokenizer, train_data: PairDataset | ShardStream,
-                 evalset: EvalSet | None, run_dir: str | Path, world: World | None = None,
-                 teacher: nn.Module | None = None, zeroshot_task: ZeroShotTask | None = None):
-        self.cfg, self.tokenizer, self.train_data, self.evalset = cfg, tokenizer, train_data, evalset
-        self.zeroshot_task = zeroshot_task  # eval.zeroshot_data, classified at every evaluation
+    def __init__(self, cfg: RunConfig, parts: Parts, run_dir: str | Path, world: World | None = None):
+        self.cfg, self.tokenizer, self.train_data = cfg, parts.tokenizer, parts.train_data
+        self.evalset, self.evaluators = parts.evalset, parts.evaluators
         self.run_dir = Path(run_dir)
         self.world = world or World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = self.world.device
-        model = model.to(self.device)
-        self.memory_format = torch.contiguous_format
-        sharded = self.world.distributed and cfg.dist.strategy == "fsdp"
-        if use_channels_last(cfg.train.channels_last, model, self.device, sharded):
-            self.memory_format = torch.channels_last
-            model.visual.to(memory_format=self.memory_format)
-        model.set_grad_checkpointing(cfg.train.grad_checkpointing)
-        if cfg.train.lock_image:
-            model.lock_image_tower(cfg.train.lock_image_unlocked, cfg.train.lock_freeze_norm_stats)
-        if cfg.train.lock_text:
-            model.lock_text_tower(cfg.train.lock_text_unlocked, cfg.train.lock_freeze_norm_stats)
-        self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.model = wrap_model(model, self.world, cfg.dist.strategy, self.precision, cfg.train.compile)
+        self.model, self.precision, self.memory_format = parts.model.wrapped, parts.model.precision, parts.model.memory_format
         self.no_sync = no_sync(self.model)
-        objective = cfg.train.objective
-        if objective == "auto":  # a model with a logit bias is a SigLIP model
-            objective = "sigmoid" if getattr(model, "logit_bias", None) is not None else "contrastive"
-        self.objective = build_objective(objective, cfg.train.loss_tile)
-        if getattr(model.cfg, "multimodal", None) is not None:  # a CoCa: add its captioning loss
-            text = model.cfg.text
-            self.objective = CaptionLoss(self.objective, text.pad_token_id, text.eot_token_id,
-                                         cfg.train.contrastive_weight, cfg.train.caption_weight)
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
-        if self.teacher is not None:
-            self.objective = DistillLoss(self.objective, cfg.distill.weight)
-        self.optimizer = build_optimizer(model, cfg.optim)  # the unwrapped model: its parameter names
+        self.teacher, self.objective, self.optimizer = parts.teacher, parts.objective, parts.optimizer
+        train_data = parts.train_data
         self.scaler = grad_scaler(self.precision, self.device)
         self.steps_per_epoch = len(train_data) // cfg.train.batch_size
         if self.steps_per_epoch == 0:
@@ -303,18 +279,14 @@ class Trainer:
 
     def run_eval(self, final: bool = False) -> dict[str, float]:
         """Evaluate now, log the results, and (at the end) print the table and write results files."""
-        if self.evalset is None and self.zeroshot_task is None:
+        if not self.evaluators:
             if final:
                 self.say("no validation data (data.val_path and eval.zeroshot_data are unset): evaluation skipped")
             return {}
-        e, model, workers = self.cfg.eval, ckpt.unwrap(self.model), self.cfg.data.workers
-        results = {}
-        if self.evalset is not None:
-            results = evaluate(model, self.evalset, self.tokenizer, self.device, self.precision, e.batch_size, workers,
-                               e.val_loss, e.retrieval, e.zeroshot)
-        if self.zeroshot_task is not None:
-            results.update(self.zeroshot_task.run(model, self.tokenizer, self.device, self.precision, e.batch_size,
-                                                  workers, self.say))
+        e = self.cfg.eval
+        ctx = EvalContext(ckpt.unwrap(self.model), self.tokenizer, None, self.device, self.precision, e.batch_size,
+                          self.cfg.data.workers, self.say)
+        results = run_evaluators(self.evaluators, ctx)
         results["epoch"] = self.step / self.steps_per_epoch
         self.record("eval", results)
         if final and self.world.is_main:
@@ -384,7 +356,7 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint directory: optimizer, scaler, step and RNG (the weights are loaded into the
-        model before it is wrapped, see training/setup.py)."""
+        model before it is wrapped, see training/build/model.py)."""
         blob, state = ckpt.load_training_state(path)
         if (Path(path) / ckpt.SHARDED).is_dir():
             load_sharded(self.model, self.optimizer, Path(path) / ckpt.SHARDED)

@@ -2,7 +2,7 @@
 
 A run is one `RunConfig` value. It is built from defaults, then a YAML file, then
 `--section.key value` overrides, and every key and value is checked against the dataclass
-types (cliptrain.typed), so a typo or a bad value fails before any work with a message naming the key.
+types (cliptrain.base.typed), so a typo or a bad value fails before any work with a message naming the key.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from cliptrain.constants import OPENAI_MEAN, OPENAI_STD
-from cliptrain.typed import (  # noqa: F401  (re-exported: the config API users import from here)
+from cliptrain.base.constants import OPENAI_MEAN, OPENAI_STD
+from cliptrain.base.typed import (  # noqa: F401  (re-exported: the config API users import from here)
     ConfigError, deep_update, flatten, from_dict, parse_overrides, to_dict)
 
 

@@ -106,7 +106,7 @@ def _confusion(report: Report, matrix: torch.Tensor, names: list[str]) -> None:
 def _thumbnail(image, size: int = 96):
     from PIL import Image
 
-    from cliptrain.transforms import to_rgb
+    from cliptrain.data.transforms import to_rgb
     return to_rgb(image).resize((size, size), Image.NEAREST)
 
 
@@ -148,9 +148,10 @@ def _retrieval_examples(report: Report, source, captions: list[str], img: torch.
 
 
 def _from_checkpoint(report: Report, checkpoint: Path, examples: int, top_k: int, device: torch.device) -> None:
-    from cliptrain.evaluation.evaluate import encode_pairs
+    from cliptrain.evaluation.encode import encode_pairs
     from cliptrain.evaluation.zeroshot import build_classifier, confusion_matrix, predict
-    from cliptrain.training.setup import build_evalset, build_sources, load_checkpoint, source_captions
+    from cliptrain.checkpoint.load import load_checkpoint
+    from cliptrain.training.build import build_evalset, build_sources, source_captions
 
     model, tokenizer, cfg = load_checkpoint(checkpoint, device)
     size = model.cfg.vision.image_size
@@ -207,7 +208,7 @@ def _html(report: Report, title: str) -> str:
 def make_report(run_dir: str | Path, output: str | Path | None = None, checkpoint: str | Path | None = None,
                 examples: int = 4, top_k: int = 5, device: torch.device | str | None = None) -> Path:
     """Write ``index.html`` and its PNG figures into ``output`` (default RUN_DIR/report); return the page's path."""
-    from cliptrain.training.checkpoint import list_checkpoints
+    from cliptrain.checkpoint.store import list_checkpoints
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from cliptrain.tokenizer import CLIP_EOT, CLIP_SOT, TOKENIZER_FILE, Tokenizer, load_clip_bpe
+from cliptrain.text.clip_bpe import load_clip_bpe
+from cliptrain.text.tokenizer import CLIP_EOT, CLIP_SOT, TOKENIZER_FILE, Tokenizer
 
 
 # A checkpoint's tokenizer.json for a transformers tokenizer: a small marker naming the folder beside it that

@@ -21,15 +21,16 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from cliptrain.constants import OPENAI_MEAN, OPENAI_STD
+from cliptrain.base.constants import OPENAI_MEAN, OPENAI_STD
 from cliptrain.models.clip import CLIP
 from cliptrain.models.config import CLIPConfig
-from cliptrain.models.convert import hf, open_clip
-from cliptrain.models.convert.text_tokenizers import (HFTokenizer, load_hf_dir_tokenizer, load_tokenizer,
+from cliptrain.checkpoint.convert import hf, open_clip
+from cliptrain.text.files import (HFTokenizer, load_hf_dir_tokenizer, load_tokenizer,
                                                       write_hf_tokenizer)
 from cliptrain.models.registry import TIMM_PREFIX, build_model, get_model_config, list_models
-from cliptrain.tokenizer import TOKENIZER_FILE, load_clip_bpe
-from cliptrain.typed import ConfigError, from_dict, to_dict
+from cliptrain.text.clip_bpe import load_clip_bpe
+from cliptrain.text.tokenizer import TOKENIZER_FILE
+from cliptrain.base.typed import ConfigError, from_dict, to_dict
 
 __all__ = ["Preprocess", "Imported", "import_pretrained", "resolve_architecture", "export_open_clip", "export_hf",
            "architecture_for_name"]
@@ -132,7 +133,7 @@ def _tokenizer_file(path: Path, context_length: int):
 def _from_cliptrain(path: Path) -> Imported:
     from safetensors.torch import load_file
 
-    from cliptrain.training.checkpoint import checkpoint_of  # the checkpoint layout's one definition
+    from cliptrain.checkpoint.store import checkpoint_of  # the checkpoint layout's one definition
 
     path = checkpoint_of(path)                 # a run directory: its newest checkpoint that verifies
     data = yaml.safe_load((path / "config.yaml").read_text())
@@ -242,7 +243,7 @@ def resolve_architecture(imported: Imported, name: str | None, arch: dict, say: 
 
 
 def _merge(base: dict, updates: dict) -> dict:
-    from cliptrain.typed import deep_update
+    from cliptrain.base.typed import deep_update
     return deep_update(base, updates)
 
 

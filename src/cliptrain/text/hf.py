@@ -1,4 +1,4 @@
-"""A Hugging Face model's own tokenizer as a cliptrain :class:`~cliptrain.tokenizer.Tokenizer`.
+"""A Hugging Face model's own tokenizer as a cliptrain :class:`~cliptrain.text.tokenizer.Tokenizer`.
 
 The model directory's fast tokenizer is rewritten in cliptrain's ``tokenizer.json`` form: its
 normalizer, pre-tokenizer and vocabulary unchanged, ``<cls> $A <sep>`` (or ``<bos> $A <eos>``) as the
@@ -12,8 +12,8 @@ import os
 
 import tokenizers
 
-from cliptrain.models.layers import import_optional
-from cliptrain.tokenizer import Tokenizer, _check_context_length, _finish
+from cliptrain.base.optional import import_optional
+from cliptrain.text.tokenizer import Tokenizer, _check_context_length, _finish
 
 
 def load_hf_tokenizer(path: str | os.PathLike, context_length: int) -> Tokenizer:

@@ -25,7 +25,7 @@ __all__ = [
     "to_rgb",
 ]
 
-from cliptrain.constants import OPENAI_MEAN, OPENAI_STD  # noqa: E402  (re-exported)
+from cliptrain.base.constants import OPENAI_MEAN, OPENAI_STD  # noqa: E402  (re-exported)
 
 INTERPOLATIONS: dict[str, InterpolationMode] = {
     "bilinear": InterpolationMode.BILINEAR,

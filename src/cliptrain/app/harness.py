@@ -21,13 +21,11 @@ def load_for_harness(path: str | Path, device: torch.device | str = "cpu"):
     normalise with the run's mean / std); ``model.encode_image`` / ``model.encode_text`` return
     L2-normalised features.
     """
-    from cliptrain.training.setup import load_checkpoint
-    from cliptrain.transforms import image_transform
+    from cliptrain.checkpoint.load import load_checkpoint
+    from cliptrain.training.build import eval_transform
 
     model, tokenizer, cfg = load_checkpoint(path, device)
-    a = cfg.augment
-    transform = image_transform(model.cfg.vision.image_size, False, a.mean, a.std, a.interpolation,
-                                resize_mode=a.resize_mode)
+    transform = eval_transform(cfg, model.cfg.vision.image_size)
     return model.eval(), transform, tokenizer
 
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
-from pathlib import Path
 
-from cliptrain.config import ConfigError, EvalSection, load_config
+from cliptrain.app.eval_command import cmd_eval
+from cliptrain.base.config import ConfigError, load_config
 
 USAGE = """cliptrain <command> [options]
 
@@ -45,8 +44,8 @@ def cmd_train(argv: list[str]) -> int:
     if args.resume:
         rest += ["--train.resume", args.resume]
     cfg = load_config(args.config, rest)
-    from cliptrain.distributed import init_distributed, peer_failure, report_failure, shutdown, watch_peers
-    from cliptrain.training.setup import build_trainer
+    from cliptrain.base.distributed import init_distributed, peer_failure, report_failure, shutdown, watch_peers
+    from cliptrain.training.build import build_trainer
     world = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     watching = watch_peers(world)  # NCCL: a failed peer stops this rank too, with its message
     try:
@@ -70,144 +69,6 @@ def cmd_train(argv: list[str]) -> int:
     if results:
         trainer.say(f"results written to {trainer.run_dir / 'results.json'}")
     return 0
-
-
-def cmd_eval(argv: list[str]) -> int:
-    """`cliptrain eval --checkpoint DIR [datasets]`."""
-    parser = argparse.ArgumentParser(prog="cliptrain eval", description=(
-        "Evaluate a checkpoint. With no dataset option, on its run's validation data; otherwise on the "
-        "datasets given (each option adds one task)."))
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (…/checkpoints/step_N), a run "
-                        "directory (its newest checkpoint), or open_clip / OpenAI / Hugging Face weights (evaluated "
-                        "with the default run config's data)")
-    parser.add_argument("--output", help="where to write results.json / results.md (default: the checkpoint; "
-                                         "for a run directory, its newest checkpoint)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's eval.batch_size")
-    parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="default: the run's train.precision; fp32 for weights of another format")
-    g = parser.add_argument_group("zero-shot classification")
-    g.add_argument("--zeroshot", metavar="DIR_OR_TABLE", help="a folder of class folders, or a (path, label) table")
-    g.add_argument("--classnames", metavar="FILE_OR_NAME",
-                   help="class names: a .json/.yaml/.txt file or imagenet1k, imagenet1k-openclip, shapes "
-                        "(default: the folder names / the table's labels)")
-    g.add_argument("--templates", metavar="FILE_OR_NAME", default=EvalSection.zeroshot_templates,
-                   help="prompt templates: a file or openai-imagenet (80), openai-imagenet-short (7), photo, shapes "
-                        "(default: %(default)s)")
-    g.add_argument("--scoring", choices=["softmax", "sigmoid"], default="softmax",
-                   help="softmax (CLIP) or sigmoid (SigLIP) scores; top-k and recall are the same for both")
-    g = parser.add_argument_group("retrieval")
-    g.add_argument("--retrieval", metavar="TABLE", help="an (image, caption) table; repeat an image's path for "
-                                                         "each of its captions")
-    g.add_argument("--caption-key", default="caption", help="caption column (default: %(default)s)")
-    g = parser.add_argument_group("linear probe")
-    g.add_argument("--linear-probe", metavar="TRAIN", help="training images: a folder of class folders or a table")
-    g.add_argument("--linear-probe-test", metavar="TEST", help="test images (default: hold out 20%% of TRAIN)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the probe's validation / test splits")
-    g = parser.add_argument_group("tables")
-    g.add_argument("--image-key", help="image path column (default: the first of path, image, filepath, file, ...)")
-    g.add_argument("--label-key", default="label", help="label column: class index or name (default: %(default)s)")
-    args = parser.parse_args(argv)
-    import torch
-
-    from cliptrain.evaluation.evaluate import format_table, write_results
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, cfg = _load_for_eval(args, device)
-    if args.precision:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=args.precision))
-    if args.zeroshot or args.retrieval or args.linear_probe:
-        results = _eval_datasets(args, model, tokenizer, cfg, device)
-    elif args.linear_probe_test or args.classnames:
-        raise ConfigError("--linear-probe-test needs --linear-probe, and --classnames needs --zeroshot or "
-                          "--linear-probe")
-    else:
-        results = _eval_validation(args, model, tokenizer, cfg, device)
-    title = f"{cfg.model.name} checkpoint {Path(args.checkpoint).name}"
-    write_results(results, args.output or args.checkpoint, title)
-    print(format_table(results, title))
-    return 0
-
-
-def _load_for_eval(args, device):
-    """(model, tokenizer, run config) of `--checkpoint`; a run directory becomes its newest checkpoint, and
-    weights of another format get an output folder beside them."""
-    from cliptrain.training.checkpoint import checkpoint_of
-    from cliptrain.training.precision import use_tf32
-    from cliptrain.training.setup import load_checkpoint
-
-    if (Path(args.checkpoint) / "config.yaml").is_file():
-        args.checkpoint = str(checkpoint_of(args.checkpoint))
-        model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
-        use_tf32(cfg.train.tf32, device)  # as the run evaluated
-        return model, tokenizer, cfg
-    # open_clip / OpenAI / Hugging Face weights: evaluated with the default run config's data
-    args.output = args.output or str(Path(args.checkpoint) if Path(args.checkpoint).is_dir()
-                                      else Path(args.checkpoint).parent)
-    return _imported(args.checkpoint, device)
-
-
-def _imported(path: str, device):
-    """(model, tokenizer, run config) for weights of another format (see cliptrain.models.convert)."""
-    from cliptrain.config import AugmentSection, ModelSection, RunConfig, TrainSection
-    from cliptrain.models.convert import import_pretrained
-
-    imported = import_pretrained(path)
-    if imported.tokenizer is None:
-        raise ConfigError(f"{path} comes without a tokenizer; put OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz or a "
-                          "tokenizer.json next to the weights")
-    p = imported.preprocess
-    augment = AugmentSection(mean=tuple(p.mean), std=tuple(p.std), interpolation=p.interpolation,
-                             resize_mode=p.resize_mode)
-    cfg = RunConfig(model=ModelSection(name=Path(path).name), augment=augment, train=TrainSection(precision="fp32"))
-    return imported.model().to(device), imported.tokenizer, cfg
-
-
-def _eval_validation(args, model, tokenizer, cfg, device) -> dict[str, float]:
-    """The run's own validation data, as at the end of training."""
-    from cliptrain.evaluation.evaluate import evaluate
-    from cliptrain.training.precision import resolve_precision
-    from cliptrain.training.setup import build_evalset, build_sources
-
-    size = model.cfg.vision.image_size
-    _, val_src, zs = build_sources(cfg, size, train=False)
-    evalset = build_evalset(cfg, val_src, zs, size)
-    if evalset is None:
-        raise ConfigError("the checkpoint's run has no validation data (data.val_path is unset); give a dataset "
-                          "with --zeroshot, --retrieval or --linear-probe")
-    e = cfg.eval
-    workers = cfg.data.workers if args.workers is None else args.workers
-    return evaluate(model, evalset, tokenizer, device, resolve_precision(cfg.train.precision, device),
-                    args.batch_size or e.batch_size, workers, e.val_loss, e.retrieval, e.zeroshot)
-
-
-def _eval_datasets(args, model, tokenizer, cfg, device) -> dict[str, float]:
-    """The zero-shot, retrieval and linear-probe datasets named on the command line."""
-    from cliptrain.evaluation import datasets, prompts, tasks
-    from cliptrain.training.precision import resolve_precision
-    from cliptrain.training.setup import eval_transform
-
-    ctx = tasks.EvalContext(model, tokenizer, eval_transform(cfg, model.cfg.vision.image_size),
-                            device, resolve_precision(cfg.train.precision, device),
-                            args.batch_size or cfg.eval.batch_size,
-                            cfg.data.workers if args.workers is None else args.workers)
-    names = prompts.load_classnames(args.classnames) if args.classnames else None
-    results: dict[str, float] = {}
-    if args.zeroshot:
-        templates = prompts.load_templates(args.templates)
-        data = datasets.load_labelled_images(args.zeroshot, names, args.image_key, args.label_key)
-        results.update(tasks.run_zeroshot(ctx, data, templates, args.scoring))
-    if args.retrieval:
-        data = datasets.load_retrieval_table(args.retrieval, args.image_key, args.caption_key)
-        results.update(tasks.run_retrieval(ctx, data))
-    if args.linear_probe:
-        train = datasets.load_labelled_images(args.linear_probe, names, args.image_key, args.label_key)
-        test = (datasets.load_labelled_images(args.linear_probe_test, train.classnames, args.image_key,
-                                              args.label_key) if args.linear_probe_test else None)
-        results.update(tasks.run_linear_probe(ctx, train, test, seed=args.seed))
-    elif args.linear_probe_test:
-        raise ConfigError("--linear-probe-test needs --linear-probe TRAIN")
-    return results
 
 
 def cmd_caption(argv: list[str]) -> int:
@@ -234,7 +95,8 @@ def cmd_caption(argv: list[str]) -> int:
     from PIL import Image
 
     from cliptrain.evaluation.captioning import generate_captions, is_captioner
-    from cliptrain.training.setup import eval_transform, load_checkpoint
+    from cliptrain.checkpoint.load import load_checkpoint
+    from cliptrain.training.build import eval_transform
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
@@ -267,7 +129,7 @@ def cmd_report(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", help="checkpoint for the confusion matrix and examples (default: the latest)")
     parser.add_argument("--examples", type=int, default=4, help="captions shown with their top images (default: 4)")
     args = parser.parse_args(argv)
-    from cliptrain.report import make_report
+    from cliptrain.app.report import make_report
     page = make_report(args.run_dir, args.output, args.checkpoint, args.examples)
     print(f"report written to {page}")
     return 0
@@ -284,7 +146,7 @@ def cmd_tokenizer(argv: list[str]) -> int:
     parser.add_argument("--caption-key", default="caption")
     args = parser.parse_args(argv)
     from cliptrain.data.tables import read_captions
-    from cliptrain.tokenizer import train_bpe
+    from cliptrain.text.tokenizer import train_bpe
     captions = [c for path in args.input for c in read_captions(path, args.caption_key)]
     tok = train_bpe(captions, vocab_size=args.vocab_size, context_length=args.context_length)
     tok.save(args.output)
@@ -350,7 +212,7 @@ def cmd_export(argv: list[str]) -> int:
     parser.add_argument("--model-name", default="cliptrain-export",
                         help="open_clip: name of the model config file NAME.json (default: %(default)s)")
     args = parser.parse_args(argv)
-    from cliptrain.models.convert import export_hf, export_open_clip, import_pretrained
+    from cliptrain.checkpoint.convert import export_hf, export_open_clip, import_pretrained
 
     imported = import_pretrained(args.checkpoint, args.name, args.tokenizer)
     model = imported.model()
@@ -375,7 +237,7 @@ def cmd_embed(argv: list[str]) -> int:
     parser.add_argument("--image-key", help="image column of a table (default: image, path, filepath, ...)")
     parser.add_argument("--caption-key", default="caption", help="text column of a table (default: %(default)s)")
     args = parser.parse_args(argv)
-    from cliptrain.embed import run_embed
+    from cliptrain.app.embed import run_embed
 
     n = run_embed(args.checkpoint, args.images, args.texts, args.out, args.batch_size, args.image_key,
                   args.caption_key, args.name, args.tokenizer)

@@ -1,6 +1,6 @@
 """Hugging Face `CLIPModel` and `SiglipModel` directories: config.json, model.safetensors, tokenizer and
 preprocessor files. Reading and writing the files needs no transformers; only SigLIP's SentencePiece
-tokenizer is read through transformers (see `cliptrain.models.convert.tokenizers`)."""
+tokenizer is read through transformers (see `cliptrain.checkpoint.convert.tokenizers`)."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """Memory-lean exact CLIP and SigLIP losses that never build the B x B logits (in the spirit of Inf-CL).
 
 `tiled_contrastive_loss` and `tiled_sigmoid_loss` give the same value and gradients as
-`cliptrain.losses.contrastive_loss` and `sigmoid_loss`, but walk the logits one `tile x tile` block at a
+`cliptrain.objectives.contrastive_loss` and `sigmoid_loss`, but walk the logits one `tile x tile` block at a
 time. The forward pass keeps only running row / column log-sum-exps (O(B) floats); the backward pass
 recomputes each block's logits from the saved features. Memory is O(B * d + tile^2) instead of O(B^2);
 the price is one extra feature matmul per block in the backward pass.
@@ -146,7 +146,7 @@ def tiled_contrastive_loss(image_features: torch.Tensor, text_features: torch.Te
                            logit_scale: torch.Tensor | float, tile: int = 1024) -> torch.Tensor:
     """`contrastive_loss` (symmetric InfoNCE) computed tile by tile in O(B * d + tile^2) memory.
 
-    Same float32 value and gradients as `cliptrain.losses.contrastive_loss`; `logit_scale` is already
+    Same float32 value and gradients as `cliptrain.objectives.contrastive_loss`; `logit_scale` is already
     exponentiated. Image and text features must both be [B, d] with pair i matching pair i.
     """
     _check(image_features, text_features, tile)
@@ -157,7 +157,7 @@ def tiled_sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor
                        logit_bias: torch.Tensor | float, tile: int = 1024) -> torch.Tensor:
     """`sigmoid_loss` (SigLIP) computed tile by tile in O(B * d + tile^2) memory.
 
-    Same float32 value and gradients as `cliptrain.losses.sigmoid_loss`, including for the scale and bias.
+    Same float32 value and gradients as `cliptrain.objectives.sigmoid_loss`, including for the scale and bias.
     """
     _check(image_features, text_features, tile)
     return _TiledSigmoid.apply(image_features, text_features, _as_tensor(logit_scale, image_features),

@@ -1,6 +1,6 @@
 """Typed conversion of plain data (YAML, command-line strings) into dataclasses, with clear errors.
 
-Used by the run config (cliptrain.config) and the model configs (cliptrain.models.config).
+Used by the run config (cliptrain.base.config) and the model configs (cliptrain.models.config).
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def run_embed(checkpoint: str, images: str | None, texts: str | None, out: str, 
               tokenizer: str | None = None) -> int:
     """Embed the images or texts and write them; returns the number of rows written."""
     from cliptrain.evaluation.datasets import encode_images, skipped_message
-    from cliptrain.inference import load
+    from cliptrain.app.inference import load
 
     if (images is None) == (texts is None):
         raise ValueError("give exactly one of --images TABLE_OR_FOLDER and --texts FILE")

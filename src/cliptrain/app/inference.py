@@ -1,6 +1,6 @@
 """The inference API: ``model, preprocess, tokenizer = cliptrain.load(PATH)``.
 
-PATH is a cliptrain checkpoint directory or anything `cliptrain.models.convert.import_pretrained`
+PATH is a cliptrain checkpoint directory or anything `cliptrain.checkpoint.convert.import_pretrained`
 reads (open_clip / OpenAI files, open_clip and Hugging Face CLIP / SigLIP directories, hub ids).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from cliptrain.models.clip import CLIP, ModelOutput
-from cliptrain.transforms import ImageTransform, image_transform
+from cliptrain.data.transforms import ImageTransform, image_transform
 
 __all__ = ["load", "InferenceModel", "DEFAULT_TEMPLATES"]
 
@@ -96,7 +96,7 @@ def load(path: str | Path, device: torch.device | str = "cpu", name: str | None 
     merges file or tokenizer.json for weights that come without one. `preprocess(PIL image)` is the model's
     evaluation transform; `tokenizer(list of str)` gives the [N, L] ids.
     """
-    from cliptrain.models.convert import import_pretrained
+    from cliptrain.checkpoint.convert import import_pretrained
 
     imported = import_pretrained(path, name, tokenizer)
     if not imported.activation_known:

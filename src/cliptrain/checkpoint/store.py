@@ -25,7 +25,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cliptrain.config import flatten, from_dict, to_dict
+from cliptrain.base.config import flatten, from_dict, to_dict
 from cliptrain.models.config import TRAINING_ONLY_ARCH
 
 MANIFEST = "manifest.json"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from cliptrain.training import checkpoint as ckpt
+from cliptrain.checkpoint import store as ckpt
 
 __all__ = ["RemoteCheckpoints"]
 

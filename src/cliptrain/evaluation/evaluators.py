@@ -1,0 +1,189 @@
+"""Evaluators: every evaluation behind one interface, `evaluator.run(ctx) -> {metric: value}`, chosen by config
+(`build_evaluators`, as big_vision's evaluators are) and run in turn by `run_evaluators`, in training and in
+`cliptrain eval` alike.
+
+The validation-pair evaluators (count, losses, retrieval, zero-shot) share one encoding of the set per round
+(`EvalContext.pairs`); the file-based ones (eval.zeroshot_data, `cliptrain eval --zeroshot/--retrieval/--probe`)
+encode their own images with their own transform.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from cliptrain.base.config import EvalSection
+from cliptrain.base.precision import autocast
+from cliptrain.data import PairDataset
+from cliptrain.evaluation.captioning import caption_val_loss, is_captioner
+from cliptrain.evaluation.datasets import LabelledImages, RetrievalSet
+from cliptrain.evaluation.encode import EvalContext
+from cliptrain.evaluation.retrieval import retrieval_metrics
+from cliptrain.evaluation.tasks import run_linear_probe, run_retrieval, run_zeroshot
+from cliptrain.evaluation.zeroshot import build_classifier, zero_shot_metrics
+
+
+class Evaluator(Protocol):
+    """One evaluation: its metrics for the model of `ctx` (every rank calls it; each gets the same numbers)."""
+
+    def run(self, ctx: EvalContext) -> dict[str, float]: ...
+
+
+@dataclass
+class EvalSet:
+    """A validation set: image-caption pairs and, for zero-shot, labels, class names and templates.
+
+    `groups` names subsets (index lists) whose zero-shot accuracy is reported separately.
+    """
+    dataset: PairDataset
+    labels: Sequence[int] | None = None
+    class_names: Sequence[str] = ()
+    templates: Sequence[str] = ()
+    groups: dict[str, list[int]] = field(default_factory=dict)
+
+
+def contrastive_val_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float,
+                         chunk_size: int = 4096) -> float:
+    """The contrastive loss of the whole set taken as one batch (every other pair is a negative).
+
+    It does not depend on the evaluation batch size: rows are processed in chunks, and each chunk's
+    log-sum-exp runs over all N candidates.
+    """
+    n = image_features.shape[0]
+    total = 0.0
+    for a, b in ((image_features, text_features), (text_features, image_features)):
+        for start in range(0, n, chunk_size):
+            logits = logit_scale * a[start:start + chunk_size] @ b.T
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            pos = logits[rows, rows + start]
+            total += float((torch.logsumexp(logits, dim=1) - pos).sum())
+    return total / (2 * n)
+
+
+@dataclass
+class PairCount:
+    """`samples`: the number of validation pairs evaluated."""
+    evalset: EvalSet
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        return {"samples": float(ctx.pairs(self.evalset.dataset)[0].shape[0])}
+
+
+@dataclass
+class ValLoss:
+    """`val_loss`: the contrastive loss of the whole set as one batch; a CoCa adds `val_caption_loss`."""
+    evalset: EvalSet
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        img, txt = ctx.pairs(self.evalset.dataset)
+        scale = float(ctx.model.logit_scale.detach().exp())
+        results = {"val_loss": contrastive_val_loss(img.to(ctx.device), txt.to(ctx.device), scale)}
+        if is_captioner(ctx.model):
+            results["val_caption_loss"] = caption_val_loss(ctx.model, self.evalset.dataset, ctx.tokenizer, ctx.device,
+                                                           ctx.precision, ctx.batch_size, ctx.workers)
+        return results
+
+
+@dataclass
+class Retrieval:
+    """Image<->text recall at 1 / 5 / 10 and ranks over the validation pairs."""
+    evalset: EvalSet
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        img, txt = ctx.pairs(self.evalset.dataset)
+        return retrieval_metrics(img.to(ctx.device), txt.to(ctx.device))  # the N x N work on the GPU if there is one
+
+
+@dataclass
+class ZeroShot:
+    """Zero-shot classification of the validation images into the set's classes (`zeroshot_*`), and top-1 of
+    each named group of them (`zeroshot_<group>_top1`)."""
+    evalset: EvalSet
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        s, model = self.evalset, ctx.model
+        img, _ = ctx.pairs(s.dataset)
+        with torch.no_grad(), autocast(ctx.precision, ctx.device):
+            classifier = build_classifier(lambda t: model.encode_text(t).float(), ctx.tokenizer, s.class_names,
+                                          s.templates, ctx.batch_size, ctx.device)
+        labels = torch.as_tensor(list(s.labels))
+        classifier = classifier.cpu()
+        results = {f"zeroshot_{k}": v for k, v in zero_shot_metrics(img, labels, classifier).items()}
+        for name, idx in s.groups.items():
+            if idx:
+                results[f"zeroshot_{name}_top1"] = zero_shot_metrics(img[idx], labels[idx], classifier, ks=(1,))["top1"]
+        return results
+
+
+@dataclass
+class ZeroShotTask:
+    """A labelled image set classified zero-shot (`eval.zeroshot_data`, e.g. ImageNet's validation images, or
+    `cliptrain eval --zeroshot`); its figures are reported as `<prefix>*` (training: `zeroshot_data_*`)."""
+    data: LabelledImages
+    templates: list[str]
+    transform: object  # the eval ImageTransform
+    prefix: str = "zeroshot_data_"
+    scoring: str = "softmax"
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        results = run_zeroshot(dataclasses.replace(ctx, transform=self.transform), self.data, self.templates,
+                               self.scoring)
+        return {f"{self.prefix}{k.removeprefix('zeroshot_')}": v for k, v in results.items()}
+
+
+@dataclass
+class RetrievalTask:
+    """Image<->text retrieval on a table of images and captions (`cliptrain eval --retrieval`)."""
+    data: RetrievalSet
+    transform: object
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        return run_retrieval(dataclasses.replace(ctx, transform=self.transform), self.data)
+
+
+@dataclass
+class LinearProbeTask:
+    """A logistic-regression probe on the image features (`cliptrain eval --probe`)."""
+    train: LabelledImages
+    test: LabelledImages | None
+    transform: object
+    seed: int = 0
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        return run_linear_probe(dataclasses.replace(ctx, transform=self.transform), self.train, self.test,
+                                seed=self.seed)
+
+
+def pair_evaluators(evalset: EvalSet, val_loss: bool = True, retrieval: bool = True,
+                    zeroshot: bool = True) -> list[Evaluator]:
+    """The evaluators of a validation set that the switches select (zero-shot needs the set's labels and classes)."""
+    chosen: list[Evaluator] = [PairCount(evalset)]
+    if val_loss:
+        chosen.append(ValLoss(evalset))
+    if retrieval:
+        chosen.append(Retrieval(evalset))
+    if zeroshot and evalset.labels is not None and evalset.class_names:
+        chosen.append(ZeroShot(evalset))
+    return chosen
+
+
+def build_evaluators(cfg: EvalSection, evalset: EvalSet | None, zeroshot_task: ZeroShotTask | None = None
+                     ) -> list[Evaluator]:
+    """The evaluators a run's `eval` section asks for: those of its validation pairs, then eval.zeroshot_data."""
+    chosen = pair_evaluators(evalset, cfg.val_loss, cfg.retrieval, cfg.zeroshot) if evalset is not None else []
+    return chosen + ([zeroshot_task] if zeroshot_task is not None else [])
+
+
+def run_evaluators(evaluators: Sequence[Evaluator], ctx: EvalContext) -> dict[str, float]:
+    """Every evaluator's metrics, in order, with the model in eval mode (its mode is restored after)."""
+    was_training = ctx.model.training
+    ctx.model.eval()
+    try:
+        results: dict[str, float] = {}
+        for evaluator in evaluators:
+            results.update(evaluator.run(ctx))
+    finally:
+        ctx.model.train(was_training)
+    return results
