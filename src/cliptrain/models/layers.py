@@ -98,6 +98,16 @@ def attention_step(attn: "Attention", x: torch.Tensor, past: KV | None) -> tuple
 PoolIndex = int | torch.Tensor
 
 
+def project_rows(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool) -> torch.Tensor:
+    """`x [B, K] @ weight [K, N]`. With `batch_invariant` (eval mode), as B separate row products (a batched
+    matrix-vector product over a stride-0 view of the weight): a small 2D GEMM's rounding depends on B on some
+    CPUs (MKL on AVX2 rounds rows differently when B < 12 or is not a multiple of 4), while each row product is the
+    same wherever its row sits, so identical inputs get bit-identical features in any batch (retrieval's tie rule)."""
+    if not batch_invariant or x.dim() != 2:
+        return x @ weight
+    return torch.bmm(x.unsqueeze(1), weight.expand(x.shape[0], *weight.shape)).squeeze(1)
+
+
 def pick(x: torch.Tensor, index: PoolIndex) -> torch.Tensor:
     """[B, N, W] -> [B, 1, W], the row's `index` position."""
     if isinstance(index, int):

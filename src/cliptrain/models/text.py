@@ -10,7 +10,7 @@ from torch import nn
 
 from cliptrain.models.config import TextConfig
 from cliptrain.base.optional import import_optional
-from cliptrain.models.layers import (KV, AdapterTower, PoolIndex, Transformer, lock_blocks, pick,
+from cliptrain.models.layers import (KV, AdapterTower, PoolIndex, Transformer, project_rows, lock_blocks, pick,
                                      projection_head)
 
 
@@ -108,9 +108,8 @@ class TextTransformer(nn.Module):
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, width] pooled outputs -> [B, embed_dim] unnormalised features."""
-        if self.text_projection_bias is not None:
-            return pooled @ self.text_projection + self.text_projection_bias
-        return pooled @ self.text_projection
+        projected = project_rows(pooled, self.text_projection, not self.training)
+        return projected + self.text_projection_bias if self.text_projection_bias is not None else projected
 
     def pool(self, tokens: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """[B, L, width] final-norm outputs -> [B, embed_dim] features at the pooled position."""

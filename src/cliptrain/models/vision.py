@@ -8,7 +8,7 @@ from torch import nn
 
 from cliptrain.models.config import VisionConfig
 from cliptrain.base.optional import import_optional
-from cliptrain.models.layers import (AdapterTower, MAPHead, Transformer, lock_blocks,
+from cliptrain.models.layers import (AdapterTower, MAPHead, Transformer, project_rows, lock_blocks,
                                      projection_head)
 
 
@@ -83,7 +83,7 @@ class VisionTransformer(nn.Module):
             pooled = self.map_head(self.ln_post(self._blocks(images)))
         else:
             pooled = self.ln_post(self._blocks(images, index=0))
-        return pooled @ self.proj if self.proj is not None else pooled
+        return project_rows(pooled, self.proj, not self.training) if self.proj is not None else pooled
 
     def lock(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze the tower (LiT), leaving its last `unlocked_layers` blocks, final norm and projection trainable
