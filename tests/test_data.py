@@ -118,3 +118,35 @@ def test_augment_options_reach_the_training_transform(tmp_path):
     t = trainer.train_data.transform
     assert t.train and (t.ratio, t.color_jitter, t.color_jitter_prob, t.grayscale_prob) == ((1.0, 1.0), 0.2, 0.5, 0.1)
     assert trainer.evalset.dataset.transform.color_jitter == 0.0         # evaluation is never augmented
+
+
+def test_text_word_dropout_is_seeded_per_sample_and_keeps_a_word():
+    import random
+
+    from cliptrain.data import drop_words, sample_seed
+    caption = "a large red circle with a small blue star below it"
+    assert drop_words(caption, 0.0, 0, 0, 5) == caption
+    # the plain rule, written out: each word kept unless a draw from the sample's own stream falls below p
+    rng = random.Random(sample_seed(3, 1, 7) ^ 0x5EED)
+    expected = " ".join(w for w in caption.split() if rng.random() >= 0.3)
+    assert drop_words(caption, 0.3, 3, 1, 7) == expected != caption
+    assert drop_words(caption, 0.3, 3, 1, 7) == drop_words(caption, 0.3, 3, 1, 7)   # reproducible (resume)
+    assert drop_words(caption, 0.3, 3, 2, 7) != expected                             # a new draw each epoch
+    kept = [drop_words(caption, 0.3, 0, 0, i).split() for i in range(2000)]
+    assert 0.65 < sum(map(len, kept)) / (2000 * len(caption.split())) < 0.75
+    assert all(len(drop_words("one two", 0.99, 0, 0, i).split()) == 1 for i in range(50))
+
+
+def test_text_word_dropout_reaches_training_captions_only(tmp_path):
+    from conftest import micro_config
+
+    from cliptrain.base.config import ConfigError, load_config
+    from cliptrain.training.build import build_trainer
+    trainer = build_trainer(micro_config(tmp_path, augment={"text_word_dropout": 0.5}))
+    assert trainer.train_data.word_dropout == 0.5 and trainer.evalset.dataset.word_dropout == 0.0
+    captions = [trainer.train_data[(0, i)][1] for i in range(20)]
+    source = [trainer.train_data.source.caption(i) for i in range(20)]
+    assert all(len(c.split()) < len(s.split()) for c, s in zip(captions, source) if c != s)
+    assert sum(c != s for c, s in zip(captions, source)) >= 15
+    with pytest.raises(ConfigError, match=r"augment.text_word_dropout must be in \[0, 1\)"):
+        load_config(None, {"augment": {"text_word_dropout": 1.0}})

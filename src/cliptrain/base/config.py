@@ -92,6 +92,7 @@ class AugmentSection:
     color_jitter: float = 0.0           # brightness, contrast, saturation jitter by this factor, hue by a quarter
     color_jitter_prob: float = 1.0      # chance that a training image is jittered (when color_jitter > 0)
     grayscale_prob: float = 0.0         # chance that a training image is made grey
+    text_word_dropout: float = 0.0      # chance that each word of a training caption is dropped (at least one kept)
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic"
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
@@ -103,6 +104,7 @@ class AugmentSection:
         _check(all(s > 0 for s in self.std), f"augment.std must be positive, got {self.std}")
         _check(0 < self.ratio[0] <= self.ratio[1], f"augment.ratio must satisfy 0 < min <= max, got {self.ratio}")
         _check(self.color_jitter >= 0, f"augment.color_jitter must be >= 0, got {self.color_jitter}")
+        _check(0 <= self.text_word_dropout < 1, f"augment.text_word_dropout must be in [0, 1), got {self.text_word_dropout}")
         _check(0 <= self.color_jitter_prob <= 1 and 0 <= self.grayscale_prob <= 1,
                "augment.color_jitter_prob and augment.grayscale_prob must be in [0, 1]")
 
@@ -253,13 +255,30 @@ class RunConfig:
     distill: DistillSection = field(default_factory=DistillSection)
 
 
+RECIPES = Path(__file__).parent / "recipes"  # named run configs shipped with cliptrain: --config NAME
+
+
+def recipe_names() -> list[str]:
+    """The names of the shipped recipes (`cliptrain train --config NAME`)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(path: str | Path) -> Path:
+    """The YAML file `path`, or the shipped recipe of that name (a name with no such file)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.suffix == "" and len(path.parts) == 1 and (RECIPES / f"{path}.yaml").is_file():
+        return RECIPES / f"{path}.yaml"
+    raise ConfigError(f"config file not found: {path} (the shipped recipes are: {', '.join(recipe_names())})")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping = ()) -> RunConfig:
-    """Defaults, then the YAML file at `path`, then overrides (CLI strings or a nested dict)."""
+    """Defaults, then the YAML file at `path` (or the shipped recipe of that name), then overrides (CLI strings
+    or a nested dict)."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = recipe_path(path)
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")

@@ -64,18 +64,32 @@ def pick_caption(caption, seed: int, epoch: int, index: int) -> str:
     return caption[sample_seed(seed, epoch, index) % len(caption)]
 
 
+def drop_words(caption: str, p: float, seed: int, epoch: int, index: int) -> str:
+    """`caption` with each word dropped with probability `p` (at least one word kept), drawn from (seed, epoch,
+    index): text dropout, which makes a model match images on every attribute a caption names, not only on the
+    one that tells most pairs of a batch apart."""
+    if p <= 0:
+        return caption
+    import random
+    words = caption.split()
+    rng = random.Random(sample_seed(seed, epoch, index) ^ 0x5EED)
+    kept = [w for w in words if rng.random() >= p]
+    return " ".join(kept) if kept or not words else words[rng.randrange(len(words))]
+
+
 class PairDataset(Dataset):
     """Crops / resizes a source's images to uint8 tensors; keys are (epoch, index) so augmentation is
     reproducible. Normalisation happens once per batch, in `Collate`.
 
+    `word_dropout` (training: augment.text_word_dropout) drops caption words at random (`drop_words`).
     A bad sample (the source raises BadSample) takes the next good one of the source in its place,
     so batch shapes never change; the replaced sample is reported with the item.
     """
 
     MAX_CONSECUTIVE_BAD = 1000
 
-    def __init__(self, source: PairSource, transform: Callable, seed: int = 0):
-        self.source, self.transform, self.seed = source, transform, seed
+    def __init__(self, source: PairSource, transform: Callable, seed: int = 0, word_dropout: float = 0.0):
+        self.source, self.transform, self.seed, self.word_dropout = source, transform, seed, word_dropout
 
     def __len__(self) -> int:
         return len(self.source)
@@ -96,7 +110,8 @@ class PairDataset(Dataset):
             raise RuntimeError(f"{len(self.source) if len(self.source) < self.MAX_CONSECUTIVE_BAD else 'too many'} "
                                f"consecutive bad samples from index {index}; first: {bad[0] if bad else '?'}")
         pixels = augment(self.transform, image, self.seed, epoch, index)
-        return pixels, pick_caption(caption, self.seed, epoch, index), j, bad
+        caption = drop_words(pick_caption(caption, self.seed, epoch, index), self.word_dropout, self.seed, epoch, index)
+        return pixels, caption, j, bad
 
 
 class ReadableOnly:

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cliptrain.data import Collate, augment, loader_generator, shutdown_loader
+from cliptrain.data import Collate, augment, drop_words, loader_generator, shutdown_loader
 from cliptrain.data.samples import (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, BadSample, decode_caption, decode_image)
 from cliptrain.data.shards import ShardError, group_samples, iter_tar, open_url, parse_sources, shard_sizes
 
@@ -153,7 +153,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, transform, tokenizer: Callable, batch_size: int, seed: int = 0,
                  resampled: bool = False, samples_per_epoch: int | None = None, shuffle_buffer: int = 1000,
-                 caption_key: str = "caption", max_pixels: int | None = None):
+                 caption_key: str = "caption", max_pixels: int | None = None, word_dropout: float = 0.0):
         if len(shards.sources) > 1 and not resampled and any(s.weight != 1.0 for s in shards.sources):
             raise ValueError("data.weights mixes sources by sampling: set data.resampled true "
                              "(in epoch mode every sample of every source is read once)")
@@ -161,6 +161,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.seed, self.resampled = batch_size, seed, resampled
         self.samples = samples_per_epoch if (resampled and samples_per_epoch) else len(shards)
         self.shuffle_buffer, self.caption_key, self.max_pixels = shuffle_buffer, caption_key, max_pixels
+        self.word_dropout = word_dropout
         self.collate = Collate(tokenizer, transform.normalize)
         # epoch, start step, rank, world size, streams: in shared memory, so persistent workers see each
         # new epoch's position when the loader is iterated again
@@ -305,6 +306,7 @@ class ShardStream(IterableDataset):
     def _sample(self, item: dict, epoch: int, seed_id: int, bad: list, decoded=None) -> tuple:
         image, caption = decoded or decode_item(item, self.caption_key, self.max_pixels)
         pixels = augment(self.transform, image, self.seed, epoch, seed_id)
+        caption = drop_words(caption, self.word_dropout, self.seed, epoch, seed_id)
         return pixels, caption, item["__id__"], [(b.reason, b.key, b.detail) for b in bad]
 
 

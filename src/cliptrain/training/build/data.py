@@ -54,8 +54,9 @@ def build_train_data(cfg: RunConfig, source, transform, tokenizer: Tokenizer) ->
     d = cfg.data
     if isinstance(source, ShardSet):
         return ShardStream(source, transform, tokenizer, cfg.train.batch_size, cfg.train.seed, d.resampled,
-                           d.train_samples, d.shuffle_buffer, d.caption_key, d.max_image_pixels)
-    return PairDataset(source, transform, cfg.train.seed)
+                           d.train_samples, d.shuffle_buffer, d.caption_key, d.max_image_pixels,
+                           cfg.augment.text_word_dropout)
+    return PairDataset(source, transform, cfg.train.seed, cfg.augment.text_word_dropout)
 
 
 def source_captions(source, caption_key: str = "caption") -> list[str]:
