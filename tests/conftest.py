@@ -1,6 +1,9 @@
 """Shared fixtures: a very small model config and a fast run config for loop tests."""
 from __future__ import annotations
 
+import inspect
+import re
+
 import pytest
 import torch
 import yaml
@@ -11,6 +14,26 @@ from cliptrain.base.config import load_config
 MICRO_ARCH = {"embed_dim": 32,
               "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
               "text": {"context_length": 16, "width": 32, "layers": 2, "heads": 2, "vocab_size": 512}}
+
+
+# What makes a test an integration test: it trains a run, starts processes or runs the command line.
+_INTEGRATION = re.compile(r"build_trainer\(|subprocess\.|torch\.distributed\.run|\.fit\(|main\(\[")
+
+
+def _source(func) -> str:
+    try:
+        return inspect.getsource(func)
+    except (OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `integration` every test whose body or fixtures train, spawn processes or run the CLI, so that
+    `pytest -m "not integration and not slow"` runs the unit tests alone, in seconds (e.g. during a refactor)."""
+    for item in items:
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if any(_INTEGRATION.search(_source(f)) for f in [getattr(item, "function", None), *fixtures] if f):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)
