@@ -146,5 +146,5 @@ def test_bad_arch_override_and_tokenizer_mismatch_messages(tmp_path, capsys):
     from cliptrain.text.tokenizer import train_bpe
     train_bpe(["a red circle"] * 5, 300, 77).save(tmp_path / "tok.json")
     assert main(["train", "--tokenizer.path", str(tmp_path / "tok.json"), "--train.output_dir", str(tmp_path)]) == 2
-    assert ("has context length 77 but the model has 32; set --model.arch.text.context_length 77"
+    assert ("has context length 77 but the model has 24; set --model.arch.text.context_length 77"
             in capsys.readouterr().err)

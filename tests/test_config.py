@@ -75,3 +75,24 @@ def test_sharded_checkpoints_need_fsdp():
     with pytest.raises(ConfigError, match="dist.checkpoint sharded needs dist.strategy fsdp"):
         load_config(None, ["--dist.checkpoint", "sharded"])
     assert load_config(None, ["--dist.checkpoint", "sharded", "--dist.strategy", "fsdp"]).dist.checkpoint == "sharded"
+
+
+def test_a_shipped_recipe_is_a_config_by_name(tmp_path, monkeypatch):
+    import yaml
+
+    from cliptrain.base.config import RECIPES, recipe_names
+    assert "small-data-cpu" in recipe_names()
+    for name in recipe_names():
+        cfg = load_config(name)
+        assert to_dict_of(cfg) == to_dict_of(load_config(None, yaml.safe_load((RECIPES / f"{name}.yaml").read_text())))
+    # a file of the same name in the working directory wins over the recipe; an unknown name lists the recipes
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small-data-cpu").write_text("optim: {lr: 0.5}\n")
+    assert load_config("small-data-cpu").optim.lr == 0.5
+    with pytest.raises(ConfigError, match=r"config file not found: nope \(the shipped recipes are: .*small-data-cpu"):
+        load_config("nope")
+
+
+def to_dict_of(cfg):
+    from cliptrain.base.config import to_dict
+    return to_dict(cfg)

@@ -30,7 +30,7 @@ def test_unknown_name_lists_close_names():
     with pytest.raises(ValueError) as info:
         create_model("vit-b32")
     assert "unknown model 'vit-b32'. Did you mean vit-b-32" in str(info.value)
-    assert "Available: " in str(info.value) and " tiny, tiny-siglip," in str(info.value)
+    assert "Available: " in str(info.value) and " tiny, tiny-conv, tiny-siglip," in str(info.value)
 
 
 def test_overrides_and_bad_override():

@@ -29,7 +29,7 @@ def _check(cond: bool, message: str) -> None:
 @dataclass
 class ModelSection:
     """Which architecture to build: a named config plus field overrides."""
-    name: str = "tiny"
+    name: str = "tiny-conv"               # the demo's model; `tiny` is the same with a patchify stem (exports)
     arch: dict = field(default_factory=dict)  # e.g. {"vision": {"layers": 2}}; filled in full when saved
     pretrained: str | None = None       # start from weights: checkpoint dir, open_clip/OpenAI file, HF dir or hub id
 
@@ -152,7 +152,7 @@ class TrainSection:
     loss_tile: int | None = None        # tiled exact loss that never holds the B x B logits (tile size, e.g. 1024)
     contrastive_weight: float = 1.0     # CoCa models: weight of the contrastive (or sigmoid) loss...
     caption_weight: float = 2.0         # ...and of the captioning loss (mean token cross-entropy)
-    epochs: int | None = 3
+    epochs: int | None = 6
     steps: int | None = None            # when set, overrides epochs
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
