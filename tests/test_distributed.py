@@ -264,7 +264,8 @@ def test_sharded_fsdp_checkpoints_resume_on_other_process_counts(tmp_path, refer
 
 # accum 1: the ring; accum 2: gathered features. Under FSDP the logit scale and bias are plain parameters
 # whose ring gradients differ by rank: the step averages them (before, the ranks drifted apart).
-@pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("fsdp", 1), pytest.param("ddp", 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy, accum", [pytest.param("ddp", 1, marks=pytest.mark.slow), ("fsdp", 1),
+                                             pytest.param("ddp", 2, marks=pytest.mark.slow)])
 def test_sigmoid_loss_two_processes_equal_one(tmp_path, strategy, accum):
     from conftest import MICRO_ARCH
     siglip = {"arch": {**MICRO_ARCH, "init_logit_scale": 2.302585092994046, "init_logit_bias": -10.0}}
