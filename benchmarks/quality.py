@@ -63,7 +63,7 @@ def step_time(run_dir: Path) -> float:
     return statistics.median(times)
 
 
-def train_recall(run_dir: Path, task: str, threads: int) -> float:
+def train_recall(run_dir: Path, threads: int) -> float:
     """Image->text R@1 of the final checkpoint on as many of its own training pairs as the validation split has
     (the same number of candidates, so the same chance level as the held-out figures)."""
     import torch
@@ -95,7 +95,7 @@ def measure(name: str, task: str, budget: float, threads: int, out: Path) -> dic
     run_dir = train(overrides, out, f"{task}-{name}", steps, threads, 10)
     wall = time.perf_counter() - start
     held = json.loads((run_dir / "results.json").read_text())
-    row = {"config": name, "steps": steps, "wall_s": wall, "train_R@1": train_recall(run_dir, task, threads),
+    row = {"config": name, "steps": steps, "wall_s": wall, "train_R@1": train_recall(run_dir, threads),
            "heldout_i2t_R@1": held["image_to_text_R@1"], "heldout_i2t_R@10": held["image_to_text_R@10"],
            "heldout_t2i_R@1": held["text_to_image_R@1"], "heldout_t2i_R@10": held["text_to_image_R@10"],
            "zeroshot_top1": held.get("zeroshot_top1", float("nan"))}

@@ -14,9 +14,10 @@ from torch import nn
 from cliptrain.base.config import ConfigError, RunConfig, deep_update, flatten, from_dict, to_dict
 from cliptrain.base.distributed import World
 from cliptrain.base.precision import resolve_precision
+from cliptrain.checkpoint import store as ckpt
 from cliptrain.checkpoint.convert import Imported, architecture_for_name, import_pretrained, resolve_architecture
 from cliptrain.checkpoint.load import load_checkpoint
-from cliptrain.models import CLIP
+from cliptrain.models import CLIP, create_model
 from cliptrain.models.config import CLIPConfig, TRAINING_ONLY_ARCH
 from cliptrain.text.tokenizer import Tokenizer
 from cliptrain.training.build.data import check_tokenizer
@@ -164,8 +165,6 @@ def build_run_model(model_cfg: CLIPConfig, tokenizer: Tokenizer, resume: Path | 
     """The model of a run: newly initialised, with the resumed checkpoint's weights (a sharded checkpoint's are
     loaded after wrapping, by the Trainer) or with imported pretrained ones; its text tower pools and pads at the
     tokenizer's end-of-text and pad ids."""
-    from cliptrain.checkpoint import store as ckpt
-    from cliptrain.models import create_model
     model = create_model(model_cfg, pretrained=resume is None,  # resuming: the checkpoint has the weights
                          text={"eot_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.pad_id})
     if resume is not None and not (resume / ckpt.SHARDED).is_dir():

@@ -15,7 +15,6 @@ from cliptrain.base.precision import use_tf32
 from cliptrain.checkpoint import store as ckpt
 from cliptrain.checkpoint.remote import RemoteCheckpoints
 from cliptrain.data.transforms import image_transform
-from cliptrain.models import create_model
 from cliptrain.objectives import build_run_objective
 from cliptrain.text.files import load_tokenizer
 from cliptrain.training.build.data import build_sources, build_tokenizer, build_train_data, source_captions
