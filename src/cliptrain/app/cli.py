@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 
@@ -48,11 +49,13 @@ def cmd_train(argv: list[str]) -> int:
     from cliptrain.training.build import build_trainer
     world = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     watching = watch_peers(world)  # NCCL: a failed peer stops this rank too, with its message
+    trainer = None
     try:
         trainer = build_trainer(cfg, world)
         trainer.say(f"run directory: {trainer.run_dir}  model: {cfg.model.name}  precision: {trainer.precision}  "
                     f"processes: {world.world_size}  steps: {trainer.total_steps} ({trainer.steps_per_epoch}/epoch)")
         results = trainer.fit()
+        stopping, run_dir, say = trainer.stop.stopping, trainer.run_dir, trainer.say
     except BaseException as exc:
         report_failure(world, exc)
         if watching.active and world.is_main:  # under srun rank 0 holds the store: let the others read it
@@ -63,11 +66,15 @@ def cmd_train(argv: list[str]) -> int:
         raise
     finally:
         watching.stop()
+        # Free the model (and the device mesh FSDP keeps) while the process group exists: a gloo group
+        # destroyed by the garbage collector at interpreter exit can abort the process after a finished run.
+        trainer = None
+        gc.collect()
         shutdown()
-    if trainer.stop.stopping:
-        return 128 + trainer.stop.stopping
+    if stopping:
+        return 128 + stopping
     if results:
-        trainer.say(f"results written to {trainer.run_dir / 'results.json'}")
+        say(f"results written to {run_dir / 'results.json'}")
     return 0
 
 
