@@ -74,3 +74,11 @@ def test_gpu_script_in_smoke_mode_runs_every_command_on_the_cpu():
     [row] = table_rows(text, "tiny")                                    # train_step.py
     assert row[1:3] == ["2", "bf16"]
     check_compare_rows(text, "small", "bf16", ["eager", "compiled"])    # compare_open_clip.py
+
+
+@pytest.mark.slow
+def test_local_loss_table_shrinks_per_rank_logits():
+    text = run(sys.executable, "benchmarks/local_loss.py", "--batch", "512", "--dim", "64", "--worlds", "1", "2")
+    rows = table_rows(text, "2")
+    assert [(r[1], r[2]) for r in rows] == [("local rows", "256 x 512"), ("whole matrix", "512 x 512")], text
+    assert all(float(r[3]) >= 0 and float(r[4]) >= 0 for r in rows), text  # tiny sizes: may stay in the warm-up's RSS

@@ -150,6 +150,8 @@ class TrainSection:
     accum_steps: int = 1                # micro-batches per step; gradients equal one batch of batch_size
     objective: Literal["auto", "contrastive", "sigmoid"] = "auto"  # auto: sigmoid if the model has a logit bias
     loss_tile: int | None = None        # tiled exact loss that never holds the B x B logits (tile size, e.g. 1024)
+    local_loss: bool = True             # several processes: each computes its own rows of the global logits (exact);
+                                        # false: every rank computes the whole matrix (also exact, W x the work)
     contrastive_weight: float = 1.0     # CoCa models: weight of the contrastive (or sigmoid) loss...
     caption_weight: float = 2.0         # ...and of the captioning loss (mean token cross-entropy)
     epochs: int | None = 6

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptrain.models.clip import ModelOutput
+from cliptrain.objectives.local import exchanges_features
 
 
 def caption_mask(labels: torch.Tensor, pad_id: int, eot_id: int) -> torch.Tensor:
@@ -47,7 +48,7 @@ class CaptionLoss(nn.Module):
         super().__init__()
         self.base, self.pad_id, self.eot_id = base, pad_id, eot_id
         self.contrastive_weight, self.caption_weight = contrastive_weight, caption_weight
-        if hasattr(base, "forward_local"):  # the step lets objectives with forward_local exchange features
+        if exchanges_features(base):  # the step lets objectives with forward_local exchange features
             self.forward_local = self._forward_local
 
     def _base(self, output: ModelOutput) -> dict[str, torch.Tensor]:

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cliptrain.base.distributed import gather_with_grad
 from cliptrain.models.clip import ModelOutput
+from cliptrain.objectives.local import local_contrastive_loss
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -21,11 +23,17 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 class ContrastiveLoss(nn.Module):
     """CLIP's contrastive objective over the whole batch; with `tile`, the memory-lean exact version that
-    never holds the B x B logits (cliptrain.objectives.tiled)."""
+    never holds the B x B logits (cliptrain.objectives.tiled).
 
-    def __init__(self, tile: int | None = None):
+    Across processes (`forward_local`, unless `local` is off) each rank computes only its own rows of the
+    global logits (cliptrain.objectives.local): exact, with 1/world_size of the matrix on each rank.
+    """
+
+    def __init__(self, tile: int | None = None, local: bool = True):
         super().__init__()
         self.tile = tile
+        if not local:  # the step then gathers every feature and each rank computes the whole matrix
+            self.forward_local = None
 
     def forward(self, output: ModelOutput) -> dict[str, torch.Tensor]:
         if self.tile:
@@ -33,3 +41,9 @@ class ContrastiveLoss(nn.Module):
             return {"contrastive": tiled_contrastive_loss(output.image_features, output.text_features,
                                                           output.logit_scale, self.tile)}
         return {"contrastive": contrastive_loss(output.image_features, output.text_features, output.logit_scale)}
+
+    def forward_local(self, output: ModelOutput, world) -> dict[str, torch.Tensor]:
+        """World_size x this rank's share of the global loss (DDP averages gradients over ranks); `output`
+        holds this rank's rows only: texts are gathered, images stay local."""
+        return {"contrastive": local_contrastive_loss(output.image_features, gather_with_grad(output.text_features),
+                                                      output.logit_scale, world.rank, world.world_size, self.tile)}

@@ -37,9 +37,11 @@ class SigmoidLoss(nn.Module):
     exchanges: no rank ever holds the global batch of texts or a global logits matrix.
     """
 
-    def __init__(self, tile: int | None = None):
+    def __init__(self, tile: int | None = None, local: bool = True):
         super().__init__()
         self.tile = tile
+        if not local:  # the step then gathers every feature and each rank computes the whole matrix
+            self.forward_local = None
 
     @staticmethod
     def _check(output: ModelOutput) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from cliptrain.base.distributed import World, gather, gather_with_grad, mean_over_ranks, sum_over_ranks
 from cliptrain.models.clip import ModelOutput
+from cliptrain.objectives.local import exchanges_features
 from cliptrain.base.precision import autocast
 
 # ModelOutput fields holding one row per sample; the others (logit_scale, logit_bias) are shared.
@@ -77,14 +78,17 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
         return _single_backward(model, objective, images, texts, precision, scale, world, teacher)
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
     outs, sums, rng, after = _first_pass(model, objective, chunks, precision, teacher)
-    joined, total, logged, counts = _joined_loss(objective, outs, sums, world)
+    local_share = world.distributed and exchanges_features(objective)
+    joined, total, logged, counts = _joined_loss(objective, outs, sums, world, local_share)
     names = [n for n, v in joined.items() if v is not None and v.requires_grad]
     grads = dict(zip(names, torch.autograd.grad(scale(total), [joined[n] for n in names], allow_unused=True)))
     local = images.shape[0]
     sizes = [len(i) for i, _ in chunks]
-    # This rank's rows of the gathered gradient, times world_size: the ranks' gradients are averaged.
-    sliced = {n: (grads[n][world.rank * local:(world.rank + 1) * local] * world.world_size).split(sizes)
-              for n in PER_SAMPLE_FIELDS if grads.get(n) is not None}
+    if local_share:  # already this rank's rows, times world_size (see forward_local)
+        sliced = {n: grads[n].split(sizes) for n in PER_SAMPLE_FIELDS if grads.get(n) is not None}
+    else:  # this rank's rows of the gathered gradient, times world_size: the ranks' gradients are averaged
+        sliced = {n: (grads[n][world.rank * local:(world.rank + 1) * local] * world.world_size).split(sizes)
+                  for n in PER_SAMPLE_FIELDS if grads.get(n) is not None}
     shared = [n for n in names if n not in PER_SAMPLE_FIELDS and grads[n] is not None]
     for j, (i, t) in enumerate(chunks):
         last = j == len(chunks) - 1
@@ -102,13 +106,20 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     return logged
 
 
-def _joined_loss(objective: Objective, outs: list[ModelOutput], sums: list[dict], world: World):
+def _joined_loss(objective: Objective, outs: list[ModelOutput], sums: list[dict], world: World, local_share: bool):
     """The loss of the first pass's outputs joined over micro-batches and ranks: (joined per-sample outputs,
     the per-sample loss, the logged losses with every token-summed loss added at its global mean, and the
-    global token count of each token-summed loss)."""
+    global token count of each token-summed loss). With `local_share` the outputs are joined over this rank's
+    micro-batches only and the objective's `forward_local` exchanges what it needs across ranks."""
     counts = _global_counts(sums, world)
-    joined = _join(outs, world)
-    total, logged = _total(objective, ModelOutput(**joined))
+    joined = _join(outs, world if not local_share else None)
+    if local_share:
+        losses = objective.forward_local(ModelOutput(**joined), world)
+        total = sum(losses.values())
+        logged = {k: mean_over_ranks(v.detach()) for k, v in losses.items()}
+        logged["loss"] = sum(logged.values())
+    else:
+        total, logged = _total(objective, ModelOutput(**joined))
     for name, count in counts.items():
         logged[name] = sum_over_ranks(sum(p[name][0] for p in sums)) / count
         logged["loss"] = logged["loss"] + logged[name]
@@ -132,7 +143,7 @@ def _single_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     """One forward and backward of the whole batch (features gathered across ranks with gradients)."""
     with autocast(precision, images.device):
         output, captioned = _split_tokens(_encode(model, teacher, images, texts))
-    if world.distributed and hasattr(objective, "forward_local"):  # the objective exchanges features itself
+    if world.distributed and exchanges_features(objective):  # the objective exchanges features itself
         losses = objective.forward_local(output, world)
         logged = {k: mean_over_ranks(v.detach()) for k, v in losses.items()}
     else:
@@ -171,9 +182,9 @@ def _global_counts(parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], wo
     return {name: sum_over_ranks(sum(p[name][1] for p in parts).float()).clamp_min(1) for name in names}
 
 
-def _join(outs: list[ModelOutput], world: World) -> dict[str, torch.Tensor | None]:
-    """Concatenate per-sample outputs of micro-batches (then across ranks); take shared ones from the first;
-    as float32 leaves that require grad."""
+def _join(outs: list[ModelOutput], world: World | None) -> dict[str, torch.Tensor | None]:
+    """Concatenate per-sample outputs of micro-batches (then across ranks, unless `world` is None); take shared
+    ones from the first; as float32 leaves that require grad."""
     joined: dict[str, torch.Tensor | None] = {}
     for f in dataclasses.fields(ModelOutput):
         values = [getattr(o, f.name) for o in outs]
@@ -182,7 +193,7 @@ def _join(outs: list[ModelOutput], world: World) -> dict[str, torch.Tensor | Non
             continue
         if f.name in PER_SAMPLE_FIELDS:
             value = torch.cat(values)
-            value = gather(value) if world.distributed else value
+            value = gather(value) if world is not None and world.distributed else value
         else:
             value = values[0]
         joined[f.name] = value.detach().float().requires_grad_(not f.name.startswith("teacher_"))
