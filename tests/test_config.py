@@ -33,8 +33,9 @@ def test_yaml_booleans_become_the_option_meant(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--optim.lrr", "1"], "unknown key 'optim.lrr' (did you mean 'lr'?); allowed keys in 'optim': lr, weight_decay, "
-                           "betas, eps, schedule, warmup_steps, cooldown_steps, min_lr, grad_clip"),
+    (["--optim.lrr", "1"], "unknown key 'optim.lrr' (did you mean 'lr'?); allowed keys in 'optim': name, lr, "
+                           "weight_decay, betas, eps, momentum, image, text, head, no_decay, schedule, warmup_steps, "
+                           "cooldown_steps, min_lr, grad_clip"),
     (["--trian.steps", "1"], "unknown key 'trian' (did you mean 'train'?)"),
     (["--train.precision", "fp8"], "train.precision: 'fp8' is not allowed; choose one of 'auto', 'fp32', 'bf16', 'fp16'"),
     (["--train.batch_size", "x"], "train.batch_size: expected an integer, got 'x'"),

@@ -47,6 +47,7 @@ def cmd_train(argv: list[str]) -> int:
     cfg = load_config(args.config, rest)
     from cliptrain.base.distributed import init_distributed, peer_failure, report_failure, shutdown, watch_peers
     from cliptrain.training.build import build_trainer
+    from cliptrain.training.optim import describe_groups
     world = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     watching = watch_peers(world)  # NCCL: a failed peer stops this rank too, with its message
     trainer = None
@@ -54,6 +55,8 @@ def cmd_train(argv: list[str]) -> int:
         trainer = build_trainer(cfg, world)
         trainer.say(f"run directory: {trainer.run_dir}  model: {cfg.model.name}  precision: {trainer.precision}  "
                     f"processes: {world.world_size}  steps: {trainer.total_steps} ({trainer.steps_per_epoch}/epoch)")
+        if len(trainer.optimizer.param_groups) > 2 or cfg.optim.name != "adamw":
+            trainer.say(f"optimizer {cfg.optim.name}, parameter groups:\n{describe_groups(trainer.optimizer)}")
         results = trainer.fit()
         stopping, run_dir, say = trainer.stop.stopping, trainer.run_dir, trainer.say
     except BaseException as exc:

@@ -120,12 +120,34 @@ class TokenizerSection:
 
 
 @dataclass
+class PartOptim:
+    """Learning rate and weight decay of one part of the model (image tower, text tower, head); null: optim's."""
+    lr: float | None = None
+    weight_decay: float | None = None
+    layer_decay: float | None = None    # towers: lr x layer_decay^k, k the depth from the top (BEiT, EVA-CLIP)
+
+    def __post_init__(self):
+        _check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay is None or self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.layer_decay is None or 0 < self.layer_decay <= 1,
+               f"layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass
 class OptimSection:
-    """AdamW and the learning-rate schedule."""
+    """The optimizer, its parameter groups and the learning-rate schedule."""
+    name: Literal["adamw", "sgd", "lamb", "lion"] = "adamw"  # lamb, lion: timm's implementations
     lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    weight_decay: float = 0.1           # decoupled (adamw, lamb, lion); sgd: L2 added to the gradient
+    betas: tuple[float, float] = (0.9, 0.98)  # adamw, lamb, lion
+    eps: float = 1e-6                   # adamw, lamb
+    momentum: float = 0.9               # sgd (Nesterov)
+    image: PartOptim = field(default_factory=PartOptim)  # the image tower ("visual.*" parameters)
+    text: PartOptim = field(default_factory=PartOptim)   # the text tower ("text.*")
+    head: PartOptim = field(default_factory=PartOptim)   # the rest: logit scale and bias, CoCa's decoder
+    no_decay: tuple[str, ...] = ()      # more parameter-name patterns (fnmatch, e.g. "*token_embedding*") never
+                                        # decayed, besides 1-d tensors (norms, biases, logit scale) and the
+                                        # position / class embeddings each tower lists
     schedule: Literal["cosine", "const", "const-cooldown"] = "cosine"
     warmup_steps: int = 50
     cooldown_steps: int = 0             # const-cooldown: length of the final linear decay
@@ -138,6 +160,9 @@ class OptimSection:
         _check(all(0 <= b < 1 for b in self.betas), f"optim.betas must be in [0, 1), got {self.betas}")
         _check(self.warmup_steps >= 0 and self.cooldown_steps >= 0, "optim.warmup_steps and optim.cooldown_steps must be >= 0")
         _check(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
+        _check(self.head.layer_decay is None, "optim.head.layer_decay: the head has no layers; set it on "
+                                              "optim.image or optim.text")
         _check(self.schedule != "const-cooldown" or self.cooldown_steps > 0,
                "optim.schedule const-cooldown needs optim.cooldown_steps > 0")
         _check(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")

@@ -9,5 +9,5 @@ def import_optional(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"this tower needs {module!r}, which is not installed; install it with "
+        raise ImportError(f"this needs {module!r}, which is not installed; install it with "
                           f"pip install 'cliptrain[{extra}]'") from exc

@@ -309,6 +309,15 @@ def lock_blocks(tower: nn.Module, blocks: nn.ModuleList, head: tuple, unlocked_l
                 module.requires_grad_(True)
 
 
+def block_layer_groups(tower: nn.Module, inputs: tuple, blocks: nn.ModuleList) -> list[list[nn.Parameter]]:
+    """A tower's parameters from input to output: the `inputs` modules or parameters (embeddings, stem, first
+    norm), each block, then every other parameter of the tower (final norm, pooling, projection)."""
+    first = [p for m in inputs if m is not None for p in (m.parameters() if isinstance(m, nn.Module) else [m])]
+    in_blocks = [list(b.parameters()) for b in blocks]
+    placed = {id(p) for group in (first, *in_blocks) for p in group}
+    return [first, *in_blocks, [p for p in tower.parameters() if id(p) not in placed]]
+
+
 # --------------------------------------------------------------------------------------------
 # Shared by the adapter towers (timm image models, Hugging Face text models)
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from torch import nn
 
 from cliptrain.models.config import TextConfig
 from cliptrain.base.optional import import_optional
-from cliptrain.models.layers import (KV, AdapterTower, PoolIndex, Transformer, project_rows, lock_blocks, pick,
-                                     projection_head)
+from cliptrain.models.layers import (KV, AdapterTower, PoolIndex, Transformer, block_layer_groups, lock_blocks, pick,
+                                     project_rows, projection_head)
 
 
 def text_tower(cfg: TextConfig, embed_dim: int, activation: str, pretrained: bool = True,
@@ -135,6 +135,12 @@ class TextTransformer(nn.Module):
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward."""
         self.transformer.grad_checkpointing = enabled
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters from input to output (layer-wise lr decay): token and position embeddings; each block;
+        the rest (final norm, projection)."""
+        inputs = (self.token_embedding, self.cls_embedding, self.positional_embedding)
+        return block_layer_groups(self, inputs, self.transformer.blocks)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (within the tower) excluded from weight decay besides biases and norms."""

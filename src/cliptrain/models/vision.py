@@ -8,8 +8,8 @@ from torch import nn
 
 from cliptrain.models.config import VisionConfig
 from cliptrain.base.optional import import_optional
-from cliptrain.models.layers import (AdapterTower, MAPHead, Transformer, project_rows, lock_blocks,
-                                     projection_head)
+from cliptrain.models.layers import (AdapterTower, MAPHead, Transformer, block_layer_groups, lock_blocks,
+                                     project_rows, projection_head)
 
 
 def image_tower(cfg: VisionConfig, embed_dim: int, activation: str, pretrained: bool = True,
@@ -93,6 +93,12 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward."""
         self.transformer.grad_checkpointing = enabled
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters from input to output (layer-wise lr decay): patch embedding, class token, positions and
+        first norm; each block; the rest (final norm, pooling, projection)."""
+        inputs = (self.patch_embed, self.class_embedding, self.positional_embedding, self.ln_pre)
+        return block_layer_groups(self, inputs, self.transformer.blocks)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (within the tower) excluded from weight decay besides biases and norms."""

@@ -114,6 +114,12 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
         set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
         return
     names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    current = [sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups]
+    saved = [sorted(g["params"]) for g in state["param_groups"]]
+    if current != saved:
+        raise ValueError(f"the checkpoint's optimizer groups hold other parameters than this run's "
+                         f"({[len(g) for g in saved]} against {[len(g) for g in current]} tensors): resume with the "
+                         f"optim section and lock settings the checkpoint was saved with (its config.yaml)")
     template = optimizer.state_dict()
     index = {}
     for group, saved in zip(optimizer.param_groups, template["param_groups"]):

@@ -25,7 +25,7 @@ from cliptrain.training.build.model import PreparedModel
 from cliptrain.training.compile import is_compiled, warn_fallback
 from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
 from cliptrain.training.metrics import Meter, MetricSinks, truncate_log
-from cliptrain.training.optim import lr_at, set_lr
+from cliptrain.training.optim import apply_groups, lr_at, scheduled_lr, set_lr
 from cliptrain.training.parallel import (average_unsharded_grads, full_norm, is_fsdp, load_optimizer_state_dict,
                                          load_sharded, model_state_dict, no_sync, optimizer_state_dict, save_sharded)
 from cliptrain.training.step import device_rng_state, forward_backward, set_device_rng_state
@@ -239,7 +239,7 @@ class Trainer:
         busy = self.meters["step_time"].total + self.meters["data_time"].total
         m["samples_per_s"] = self.meters["samples"].total / max(busy, 1e-9)
         m["data_fraction"] = self.meters["data_time"].total / max(busy, 1e-9)
-        m["lr"] = self.optimizer.param_groups[0]["lr"]
+        m["lr"] = scheduled_lr(self.optimizer)
         m["logit_scale"] = float(ckpt.unwrap(self.model).logit_scale.detach().exp())
         m["epoch"] = self.step / self.steps_per_epoch
         m["eta_s"] = (self.total_steps - self.step) * busy / max(1, self.meters["samples"].count)
@@ -362,6 +362,7 @@ class Trainer:
             load_sharded(self.model, self.optimizer, Path(path) / ckpt.SHARDED)
         else:
             load_optimizer_state_dict(self.model, self.optimizer, blob["optimizer"])
+        apply_groups(self.optimizer, ckpt.unwrap(self.model), self.cfg.optim)
         if blob.get("scaler"):
             self.scaler.load_state_dict(blob["scaler"])
         saved, now = state["data_order"], self._data_order()
