@@ -25,6 +25,7 @@ from cliptrain.base.constants import OPENAI_MEAN, OPENAI_STD
 from cliptrain.models.clip import CLIP
 from cliptrain.models.config import CLIPConfig
 from cliptrain.checkpoint.convert import hf, open_clip
+from cliptrain.checkpoint.convert.resize import fit_positions
 from cliptrain.text.files import (HFTokenizer, load_hf_dir_tokenizer, load_tokenizer,
                                                       write_hf_tokenizer)
 from cliptrain.models.registry import TIMM_PREFIX, build_model, get_model_config, list_models
@@ -62,17 +63,29 @@ class Imported:
         """The cliptrain model with the imported weights, in eval mode (strict: every weight must fit)."""
         return self.load_into(build_model(config or self.config, pretrained=False)).eval()
 
-    def load_into(self, model: CLIP) -> CLIP:
-        """Copy the imported weights into `model`; a clear error names the weights that do not fit."""
+    def load_into(self, model: CLIP, say: Callable[[str], None] = print) -> CLIP:
+        """Copy the imported weights into `model`, their position embeddings fitted to its image size and
+        context length (saying so, checkpoint.convert.resize); a clear error names the weights that do not fit."""
         own = model.state_dict()
-        bad = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in self.state_dict.items()
+        cfg = getattr(model, "cfg", None)
+        weights = fit_positions(self.state_dict, own, getattr(getattr(cfg, "vision", None), "class_token", True),
+                                getattr(getattr(cfg, "text", None), "cls_token", False), say)
+        bad = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in weights.items()
                if k in own and own[k].shape != v.shape]
-        missing, extra = sorted(set(own) - set(self.state_dict)), sorted(set(self.state_dict) - set(own))
+        missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
         if bad or missing or extra:
+            hint = (" (a different patch size cannot be loaded: keep the weights' vision.patch_size)"
+                    if _patch_size_differs(weights, own) else "")
             raise ValueError(f"the {self.source} weights do not fit the architecture: "
-                             f"{'; '.join(bad[:4] + [f'missing {m}' for m in missing[:4]] + [f'unexpected {e}' for e in extra[:4]])}")
-        model.load_state_dict(self.state_dict)
+                             f"{'; '.join(bad[:4] + [f'missing {m}' for m in missing[:4]] + [f'unexpected {e}' for e in extra[:4]])}"
+                             f"{hint}")
+        model.load_state_dict(weights)
         return model
+
+
+def _patch_size_differs(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> bool:
+    key = "visual.patch_embed.weight"
+    return key in weights and key in own and weights[key].shape[-2:] != own[key].shape[-2:]
 
 
 # ------------------------------------------------------------------------------------------ import

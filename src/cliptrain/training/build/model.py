@@ -161,7 +161,7 @@ def run_architecture(cfg: RunConfig, resume: Path | None, say: Callable[[str], N
 
 
 def build_run_model(model_cfg: CLIPConfig, tokenizer: Tokenizer, resume: Path | None,
-                    imported: Imported | None) -> CLIP:
+                    imported: Imported | None, say: Callable[[str], None] = print) -> CLIP:
     """The model of a run: newly initialised, with the resumed checkpoint's weights (a sharded checkpoint's are
     loaded after wrapping, by the Trainer) or with imported pretrained ones; its text tower pools and pads at the
     tokenizer's end-of-text and pad ids."""
@@ -170,5 +170,5 @@ def build_run_model(model_cfg: CLIPConfig, tokenizer: Tokenizer, resume: Path | 
     if resume is not None and not (resume / ckpt.SHARDED).is_dir():
         ckpt.load_model_weights(model, resume)
     elif imported is not None:
-        imported.load_into(model)
+        imported.load_into(model, say)
     return model

@@ -99,7 +99,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     teacher = load_teacher(cfg.distill.teacher, model_cfg) if cfg.distill.teacher else None
     if tokenizer is None:  # not the pretrained model's own
         tokenizer = build_run_tokenizer(cfg, resume, teacher is not None, train_src, model_cfg)
-    model = build_run_model(model_cfg, tokenizer, resume, imported)
+    model = build_run_model(model_cfg, tokenizer, resume, imported, say)
     cfg = preprocessing_from_model(cfg, model)
     ckpt.seed_rng(cfg.train.seed, world.rank)  # step-time randomness differs per rank
     train_data = build_train_data(cfg, train_src, train_transform(cfg, size), tokenizer)
