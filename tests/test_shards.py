@@ -216,3 +216,37 @@ def test_dropping_a_stream_stops_its_workers_at_once(tmp_path):
         assert not any(w.is_alive() for w in workers)
     finally:
         gc.enable()
+
+
+def test_validation_shards_capped_by_eval_max_samples_read_only_the_shards_they_need(tmp_path):
+    from pathlib import Path
+
+    from cliptrain.base.config import load_config
+    from cliptrain.training.build.data import build_sources
+    paths = write_shards(tmp_path / "val", [10, 10, 10], sizes_json=True)
+    Path(paths[2]).write_bytes(b"not a tar at all")  # never opened when 12 samples are enough
+    spec = str(tmp_path / "val" / "shard-{00000..00002}.tar")
+    cfg = load_config(None, {"data": {"source": "shards", "train_path": spec, "val_path": spec},
+                             "eval": {"max_samples": 12}})
+    log = []
+    _, val, _ = build_sources(cfg, 32, train=False, log=log.append)
+    assert log == [f"{spec}: the first 12 of its 30 samples (eval.max_samples)"]
+    assert len(val) == 12
+    assert [val[i][1] for i in range(12)] == [f"sample {i}" for i in range(12)]
+    with pytest.raises(IndexError):
+        val[12]
+
+
+def test_a_capped_table_keeps_its_first_rows(tmp_path):
+    from cliptrain.data.sources import open_source
+    from datafiles import image_bytes
+    rows = ["image,caption"]
+    for i in range(8):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes(i))
+        rows.append(f"{i}.jpg,caption {i}")
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
+    log = []
+    source = open_source("table", str(tmp_path / "val.csv"), False, log=log.append, limit=5)
+    assert len(source) == 5 and [source[i][1] for i in range(5)] == [f"caption {i}" for i in range(5)]
+    assert log == [f"{tmp_path / 'val.csv'}: the first 5 of its 8 samples (eval.max_samples)"]
+    assert len(open_source("table", str(tmp_path / "val.csv"), False, log=log.append, limit=50)) == 8

@@ -250,9 +250,12 @@ class EvalSection:
     zeroshot_data: str | None = None    # image folder or labelled table classified zero-shot at each evaluation
     zeroshot_classnames: str | None = None  # its class names: built-in (imagenet1k, ...) or a file; null: its own
     zeroshot_templates: str = "openai-imagenet-short"  # prompt templates: built-in name or a file
+    max_samples: int | None = None      # validate on the first N samples of data.val_path only (shards: only
+                                        # the shards holding them are read); null: all
 
     def __post_init__(self):
         _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, got {self.every_epochs}")
+        _check(self.max_samples is None or self.max_samples > 0, f"eval.max_samples must be > 0, got {self.max_samples}")
         _check(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
         _check(self.zeroshot_data is not None or self.zeroshot_classnames is None,
                "eval.zeroshot_classnames names the classes of eval.zeroshot_data, which is unset")

@@ -9,13 +9,38 @@ from cliptrain.data.tables import FolderSource, TableSource
 
 def open_source(kind: str, path: str, stream: bool, image_key: str = "image", caption_key: str = "caption",
                 max_pixels: int | None = None, weights: Sequence[float] | None = None,
-                log: Callable[[str], None] = print):
+                log: Callable[[str], None] = print, limit: int | None = None):
     """The pairs at `path` of `kind` (table | folder | shards): indexable, except shards with `stream`, which
-    come as a ShardSet to stream from (every shard sample held in memory otherwise)."""
+    come as a ShardSet to stream from (every shard sample held in memory otherwise). `limit` keeps the first
+    `limit` samples of an indexable source (shards: only those are read), saying so."""
+    if kind == "shards" and stream:
+        return ShardSet(path, weights, log=log)
     if kind == "table":
-        return TableSource(path, image_key, caption_key, max_pixels)
-    if kind == "folder":
-        return FolderSource(path, max_pixels)
-    if kind == "shards":
-        return ShardSet(path, weights, log=log) if stream else ShardSamples(path, caption_key, max_pixels, log=log)
-    raise ValueError(f"data source {kind!r} has no data at a path")
+        source = TableSource(path, image_key, caption_key, max_pixels)
+    elif kind == "folder":
+        source = FolderSource(path, max_pixels)
+    elif kind == "shards":
+        source = ShardSamples(path, caption_key, max_pixels, log=log, limit=limit)
+    else:
+        raise ValueError(f"data source {kind!r} has no data at a path")
+    total = getattr(source, "total", len(source))
+    if limit is not None and total > limit:
+        log(f"{path}: the first {limit} of its {total} samples (eval.max_samples)")
+        if len(source) > limit:
+            source = FirstSamples(source, limit)
+    return source
+
+
+class FirstSamples:
+    """The first `n` samples of an indexable source."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not -self.n <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} samples")
+        return self.source[index % self.n]

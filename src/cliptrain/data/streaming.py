@@ -311,12 +311,19 @@ class ShardStream(IterableDataset):
 
 
 class ShardSamples:
-    """Every sample of a (small) shard set held in memory, indexable: validation data from shards."""
+    """Every sample of a (small) shard set held in memory, indexable: validation data from shards; with `limit`,
+    its first `limit` samples only (`total` is the whole set's size, from the shards' sizes)."""
 
     def __init__(self, spec: str, caption_key: str = "caption", max_pixels: int | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, limit: int | None = None):
         shards = ShardSet(spec, log=log)
-        self.items = [item for s in range(len(shards.urls)) for item in shards.read(s)]
+        self.total = sum(shards.sizes)
+        self.items = []
+        for s in range(len(shards.urls)):  # in shard order; with `limit`, only the shards holding the first ones
+            if limit is not None and len(self.items) >= limit:
+                break
+            wanted = None if limit is None else min(shards.sizes[s], limit - len(self.items))
+            self.items.extend(shards.read(s, 0, wanted))
         self.caption_key, self.max_pixels = caption_key, max_pixels
 
     def __len__(self) -> int:

@@ -45,7 +45,8 @@ def build_sources(cfg: RunConfig, image_size: int, train: bool = True, log: Call
     val = None
     if d.val_path:
         val_kind = detect_source(d.val_path) if d.source == "auto" else kind
-        val = readable_only(open_source(val_kind, d.val_path, False, **keys), d.val_path, log)
+        val = readable_only(open_source(val_kind, d.val_path, False, **keys, limit=cfg.eval.max_samples), d.val_path,
+                            log)
     return train_src, val, {}
 
 
