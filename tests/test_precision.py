@@ -104,3 +104,32 @@ def test_distillation_from_a_teacher_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="distillation needs the same inputs"):
         build_trainer(micro_config(tmp_path / "x", model={"arch": {**MICRO_ARCH, "vision": bad}},
                                    distill={"teacher": str(teacher_ckpt)}))
+
+
+def test_pure_bf16_keeps_weights_and_states_in_bf16_and_the_scale_in_fp32(tmp_path):
+    from safetensors.torch import load_file
+    fp32 = build_trainer(micro_config(tmp_path / "fp32", train={"steps": 4, "precision": "fp32", "log_every": 1}))
+    fp32.fit()
+    trainer = build_trainer(micro_config(tmp_path / "pure", train={"steps": 4, "precision": "bf16_pure",
+                                                                      "log_every": 1}))
+    trainer.fit()
+    model = ckpt.unwrap(trainer.model)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes.pop("logit_scale") == torch.float32
+    assert set(dtypes.values()) == {torch.bfloat16}
+    states = [s for p, s in trainer.optimizer.state.items() if p.dtype == torch.bfloat16]
+    assert states and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16 for s in states)
+    saved = load_file(str(ckpt.list_checkpoints(tmp_path / "pure" / "run")[-1] / "model.safetensors"))
+    assert saved["logit_scale"].dtype == torch.float32 and saved["visual.proj"].dtype == torch.bfloat16
+
+    def losses(run):
+        rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["kind"] == "train"]
+
+    # the same run in bf16: the first loss agrees to bf16's precision, the loss is a float32 number
+    pure, full = losses(tmp_path / "pure" / "run"), losses(tmp_path / "fp32" / "run")
+    assert pure[0] == pytest.approx(full[0], rel=2e-2) and pure[0] != full[0]
+    resumed = build_trainer(micro_config(tmp_path / "pure", train={"steps": 6, "precision": "bf16_pure",
+                                                                   "resume": "latest", "log_every": 1}))
+    assert resumed.step == 4 and ckpt.unwrap(resumed.model).visual.proj.dtype == torch.bfloat16
+    assert torch.equal(ckpt.unwrap(resumed.model).visual.proj, model.visual.proj)  # bf16 values survive the round trip

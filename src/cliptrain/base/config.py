@@ -181,7 +181,7 @@ class TrainSection:
     caption_weight: float = 2.0         # ...and of the captioning loss (mean token cross-entropy)
     epochs: int | None = 6
     steps: int | None = None            # when set, overrides epochs
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16_pure"] = "auto"  # bf16_pure: bf16 weights and states
     seed: int = 0
     output_dir: str = "runs"
     name: str | None = None             # run directory name; default: <model>-<timestamp>

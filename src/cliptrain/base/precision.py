@@ -5,7 +5,20 @@ import contextlib
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# bf16_pure: weights, gradients and optimizer states in bf16 (big_vision's way), computed under bf16 autocast;
+# the logit scale and bias stay float32 parameters and every loss is computed in float32.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16_pure": torch.bfloat16}
+FP32_PARAMETERS = ("logit_scale", "logit_bias")  # kept float32 under bf16_pure
+
+
+def to_pure_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every floating parameter and buffer in bf16 except the FP32_PARAMETERS (in place)."""
+    model.to(torch.bfloat16)
+    for name in FP32_PARAMETERS:
+        param = getattr(model, name, None)
+        if isinstance(param, torch.nn.Parameter):
+            param.data = param.data.float()
+    return model
 
 
 def fast_bf16(device: torch.device) -> bool:

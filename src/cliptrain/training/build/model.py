@@ -13,7 +13,7 @@ from torch import nn
 
 from cliptrain.base.config import ConfigError, RunConfig, deep_update, flatten, from_dict, to_dict
 from cliptrain.base.distributed import World
-from cliptrain.base.precision import resolve_precision
+from cliptrain.base.precision import resolve_precision, to_pure_bf16
 from cliptrain.checkpoint import store as ckpt
 from cliptrain.checkpoint.convert import Imported, architecture_for_name, import_pretrained, resolve_architecture
 from cliptrain.checkpoint.load import load_checkpoint
@@ -144,6 +144,12 @@ def prepare_model(cfg: RunConfig, model: nn.Module, world: World) -> PreparedMod
     if cfg.train.lock_text:
         model.lock_text_tower(cfg.train.lock_text_unlocked, cfg.train.lock_freeze_norm_stats)
     precision = resolve_precision(cfg.train.precision, world.device)
+    if precision == "bf16_pure":
+        if sharded:
+            raise ConfigError("train.precision bf16_pure with dist.strategy fsdp is not supported (FSDP2 shards "
+                              "groups of one dtype, and the logit scale stays float32): use bf16 with FSDP2, whose "
+                              "mixed-precision policy already gathers bf16 weights")
+        to_pure_bf16(model)
     return PreparedModel(wrap_model(model, world, cfg.dist.strategy, precision, cfg.train.compile), model, precision,
                          memory_format)
 
