@@ -60,8 +60,13 @@ def test_table_source_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="table not found"):
         TableSource(tmp_path / "missing.csv")
     (tmp_path / "t.csv").write_text("path,text\nx.png,hi\n")
-    with pytest.raises(ValueError, match="no column 'image'; columns are path, text. Set data.image_key"):
+    with pytest.raises(ValueError, match="no column 'image'; its columns are 'path', 'text'. Set data.image_key to the "
+                                         "column holding the images$"):
         TableSource(tmp_path / "t.csv")
+    (tmp_path / "one.csv").write_text("path:text\nx.png:hi\n")
+    with pytest.raises(ValueError, match="the header was read as one column: if the table's separator is not a comma, "
+                                         "tab, semicolon or bar, set data.separator"):
+        TableSource(tmp_path / "one.csv")
     (tmp_path / "t.xlsx").write_text("")
     with pytest.raises(ValueError, match="unsupported table format '.xlsx'"):
         TableSource(tmp_path / "t.xlsx")
@@ -150,3 +155,25 @@ def test_text_word_dropout_reaches_training_captions_only(tmp_path):
     assert sum(c != s for c, s in zip(captions, source)) >= 15
     with pytest.raises(ConfigError, match=r"augment.text_word_dropout must be in \[0, 1\)"):
         load_config(None, {"augment": {"text_word_dropout": 1.0}})
+
+
+def test_open_clip_tab_separated_csv_loads_as_it_is(tmp_path):
+    """open_clip's default layout: a .csv whose separator is a tab, with filepath and title columns."""
+    from cliptrain.data.sources import open_source
+    (tmp_path / "img").mkdir()
+    for i, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (10, 10), colour).save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "train.csv").write_text("filepath\ttitle\nimg/0.png\ta red, square\nimg/1.png\ta blue square\n")
+    said = []
+    src = open_source("table", str(tmp_path / "train.csv"), False, log=said.append)
+    assert [src[i][1] for i in range(2)] == ["a red, square", "a blue square"]  # the comma is in the caption
+    assert src[1][0].getpixel((0, 0)) == (0, 0, 255)
+    assert said == [f"{tmp_path / 'train.csv'}: no column 'image'; reading open_clip's 'filepath' column as the images "
+                    f"(data.image_key filepath says so explicitly)",
+                    f"{tmp_path / 'train.csv'}: no column 'caption'; reading open_clip's 'title' column as the captions "
+                    f"(data.caption_key title says so explicitly)"]
+    # a forced separator wins over the sniffed one
+    (tmp_path / "semi.csv").write_text("image;caption\nimg/0.png;red\n")
+    assert open_source("table", str(tmp_path / "semi.csv"), False)[0][1] == "red"
+    with pytest.raises(ValueError, match="no column 'image'"):
+        open_source("table", str(tmp_path / "semi.csv"), False, separator=",", log=lambda _: None)

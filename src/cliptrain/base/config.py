@@ -42,6 +42,7 @@ class DataSection:
     val_path: str | None = None
     image_key: str = "image"            # table: image path column (relative to the table's folder or absolute)
     caption_key: str = "caption"        # table: caption column; shards: the caption field of .json members
+    separator: str | None = None        # .csv/.tsv table: the column separator; null: read from the header line
     train_samples: int | None = None    # shapes: training pairs (20000); resampled shards: samples per epoch
     val_samples: int = 1000
     resampled: bool = False             # shards: draw shards with replacement instead of each sample once per epoch

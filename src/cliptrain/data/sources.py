@@ -9,14 +9,15 @@ from cliptrain.data.tables import FolderSource, TableSource
 
 def open_source(kind: str, path: str, stream: bool, image_key: str = "image", caption_key: str = "caption",
                 max_pixels: int | None = None, weights: Sequence[float] | None = None,
-                log: Callable[[str], None] = print, limit: int | None = None):
+                log: Callable[[str], None] = print, limit: int | None = None, separator: str | None = None):
     """The pairs at `path` of `kind` (table | folder | shards): indexable, except shards with `stream`, which
     come as a ShardSet to stream from (every shard sample held in memory otherwise). `limit` keeps the first
-    `limit` samples of an indexable source (shards: only those are read), saying so."""
+    `limit` samples of an indexable source (shards: only those are read), saying so. `separator`: a .csv/.tsv
+    table's (sniffed from its header when None)."""
     if kind == "shards" and stream:
         return ShardSet(path, weights, log=log)
     if kind == "table":
-        source = TableSource(path, image_key, caption_key, max_pixels)
+        source = TableSource(path, image_key, caption_key, max_pixels, separator, log)
     elif kind == "folder":
         source = FolderSource(path, max_pixels)
     elif kind == "shards":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -24,8 +25,22 @@ __all__ = ["FolderSource", "TableSource", "read_captions", "read_rows"]
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a .csv, .tsv, .jsonl or .parquet table as dicts."""
+SEPARATORS = (",", "\t", ";", "|")
+OPEN_CLIP_COLUMNS = {"image": "filepath", "caption": "title"}  # open_clip's --csv-img-key / --csv-caption-key
+
+
+def sniff_separator(path: Path) -> str:
+    """The separator of a .csv/.tsv table: the one of SEPARATORS that splits its header line into the most
+    columns (a comma on a tie). open_clip writes tab-separated .csv files by default (--csv-separator)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = f.readline()
+    counts = [(len(next(csv.reader([header], delimiter=sep), [])), -i) for i, sep in enumerate(SEPARATORS)]
+    return SEPARATORS[-max(counts)[1]]
+
+
+def read_rows(path: Path, separator: str | None = None) -> list[dict]:
+    """The rows of a .csv, .tsv, .jsonl or .parquet table as dicts; a .csv/.tsv's `separator` is sniffed
+    from its header when not given."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
@@ -39,7 +54,8 @@ def read_rows(path: Path) -> list[dict]:
             return rows
     if suffix in (".csv", ".tsv"):
         with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+            separator = separator or ("\t" if suffix == ".tsv" else sniff_separator(path))
+            return list(csv.DictReader(f, delimiter=separator))
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -73,17 +89,15 @@ class TableSource:
     """Rows of (image path, caption or captions) from a table file; see the module docstring."""
 
     def __init__(self, path: str | Path, image_key: str = "image", caption_key: str = "caption",
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, separator: str | None = None, log: Callable[[str], None] = print):
         self.path, self.max_pixels = Path(path), max_pixels
         if not self.path.is_file():
             raise FileNotFoundError(f"table not found: {self.path}")
-        rows = read_rows(self.path)
+        rows = read_rows(self.path, separator)
         if not rows:
             raise ValueError(f"{self.path}: the table has no rows")
-        for key in (image_key, caption_key):
-            if key not in rows[0]:
-                raise ValueError(f"{self.path}: no column {key!r}; columns are {', '.join(rows[0])}. "
-                                 f"Set data.image_key / data.caption_key.")
+        image_key, caption_key = (_column(self.path, rows[0], key, role, log)
+                                  for key, role in ((image_key, "image"), (caption_key, "caption")))
         root = self.path.parent
         self.images = [str(p) if Path(p).is_absolute() else str(root / p)
                        for p in (str(r.get(image_key) or "") for r in rows)]
@@ -107,6 +121,23 @@ class TableSource:
         else:
             cell = decode_caption(cell, key)
         return open_image_file(key, self.max_pixels), cell
+
+
+def _column(path: Path, row: dict, key: str, role: str, log: Callable[[str], None]) -> str:
+    """The column holding the `role` ("image" or "caption"): `key`, else open_clip's name for it (filepath,
+    title) when the table has that one, said in a line; a clear error otherwise."""
+    if key in row:
+        return key
+    theirs = OPEN_CLIP_COLUMNS[role]
+    if theirs in row:
+        log(f"{path}: no column {key!r}; reading open_clip's {theirs!r} column as the {role}s "
+            f"(data.{role}_key {theirs} says so explicitly)")
+        return theirs
+    columns = ", ".join(repr(c) for c in row)
+    hint = ("; the header was read as one column: if the table's separator is not a comma, tab, semicolon or "
+            "bar, set data.separator" if len(row) == 1 else "")
+    raise ValueError(f"{path}: no column {key!r}; its columns are {columns}. Set data.{role}_key to the column "
+                     f"holding the {role}s{hint}")
 
 
 class FolderSource:

@@ -40,7 +40,8 @@ def build_sources(cfg: RunConfig, image_size: int, train: bool = True, log: Call
         from cliptrain.data.openmoji import OpenmojiSource
         val = OpenmojiSource("val", cfg.train.seed)
         return OpenmojiSource("train", cfg.train.seed) if train else None, val, val.zeroshot()
-    keys = dict(image_key=d.image_key, caption_key=d.caption_key, max_pixels=d.max_image_pixels, log=log)
+    keys = dict(image_key=d.image_key, caption_key=d.caption_key, max_pixels=d.max_image_pixels, log=log,
+                separator=d.separator)
     train_src = open_source(kind, d.train_path, True, weights=d.weights, **keys) if train else None
     val = None
     if d.val_path:
