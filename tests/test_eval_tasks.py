@@ -179,3 +179,23 @@ def test_linear_probe_task_with_and_without_a_test_set(folder, tmp_path):
     assert out["linear_probe_test_samples"] == 3 and out["linear_probe_train_samples"] == 9
     assert out["linear_probe_top1"] == 1.0 and out["linear_probe_mean_per_class_recall"] == 1.0
     assert out["linear_probe_weight_decay"] == 1.0  # both perfect on validation: the larger wins
+
+
+def test_validation_during_training_groups_the_captions_of_one_image_as_eval_retrieval_does(tmp_path):
+    from cliptrain.data import PairDataset
+    from cliptrain.data.tables import TableSource
+    from cliptrain.evaluation.evaluators import EvalSet, Retrieval
+    colours = ["red", "green", "blue", "grey", "red"]
+    for i, c in enumerate(colours):
+        save(tmp_path / f"{i}.png", c)
+    rows = [("0.png", "a red car"), ("1.png", "green grass"), ("0.png", "red again"), ("2.png", "the blue sea"),
+            ("3.png", "a grey day"), ("4.png", "red"), ("4.png", "something blue")]
+    (tmp_path / "r.csv").write_text("image,caption\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    during_training = Retrieval(EvalSet(PairDataset(TableSource(tmp_path / "r.csv"), TRANSFORM))).run(context([]))
+    by_eval = run_retrieval(context([]), load_retrieval_table(tmp_path / "r.csv"), ks=(1, 5, 10))
+    assert during_training == {k: v for k, v in by_eval.items() if not k.startswith("retrieval_")}
+    assert during_training["image_to_text_R@1"] == 1.0
+    # the 3-row example: two captions of one image, one of another
+    (tmp_path / "three.csv").write_text("image,caption\n0.png,a red car\n0.png,red again\n2.png,the blue sea\n")
+    three = Retrieval(EvalSet(PairDataset(TableSource(tmp_path / "three.csv"), TRANSFORM))).run(context([]))
+    assert three["image_to_text_R@1"] == 1.0 and three["text_to_image_R@1"] == 1.0

@@ -131,6 +131,12 @@ class ReadableOnly:
     def captions(self) -> list[str]:
         return getattr(self.source, "captions", [])
 
+    @property
+    def image_ids(self) -> list | None:
+        """The source's image identity of each kept sample, when it has them (see TableSource.image_ids)."""
+        ids = getattr(self.source, "image_ids", None)
+        return None if ids is None else [ids[k] for k in self.keep]
+
 
 def readable_only(source: PairSource, name: str = "validation data", log: Callable[[str], None] = print):
     """`source` restricted to its readable samples; the others are counted by reason and reported."""

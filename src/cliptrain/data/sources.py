@@ -41,6 +41,12 @@ class FirstSamples:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def image_ids(self) -> list | None:
+        """The source's image identity of each of the first samples, when it has them."""
+        ids = getattr(self.source, "image_ids", None)
+        return None if ids is None else ids[:self.n]
+
     def __getitem__(self, index: int):
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} samples")

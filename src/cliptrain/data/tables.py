@@ -104,6 +104,11 @@ class TableSource:
         self.cells = [_caption_cell(r.get(caption_key)) for r in rows]
 
     @property
+    def image_ids(self) -> list[str]:
+        """The image of each row (its path): rows of one image are several captions of it (retrieval groups them)."""
+        return self.images
+
+    @property
     def captions(self) -> list[str]:
         """Every caption (lists flattened), e.g. for learning a tokenizer."""
         return [c for cell in self.cells if cell is not None

@@ -93,7 +93,24 @@ class Retrieval:
 
     def run(self, ctx: EvalContext) -> dict[str, float]:
         img, txt = ctx.pairs(self.evalset.dataset)
-        return retrieval_metrics(img.to(ctx.device), txt.to(ctx.device))  # the N x N work on the GPU if there is one
+        rows, text_to_image = image_groups(getattr(self.evalset.dataset.source, "image_ids", None))
+        if rows is not None:  # several captions of one image: each image once, matched by any of its captions
+            img = img[rows]
+        # the N x N work on the GPU if there is one
+        return retrieval_metrics(img.to(ctx.device), txt.to(ctx.device), text_to_image)
+
+
+def image_groups(ids: Sequence | None) -> tuple[list[int] | None, torch.Tensor | None]:
+    """(the first row of each distinct image, the image index of each row) when rows repeat an image (a table
+    with several captions per image, as `cliptrain eval --retrieval` groups them), else (None, None)."""
+    if ids is None or len(set(ids)) == len(ids):
+        return None, None
+    index: dict = {}
+    text_to_image = [index.setdefault(i, len(index)) for i in ids]
+    first = {}
+    for row, i in enumerate(ids):
+        first.setdefault(i, row)
+    return list(first.values()), torch.tensor(text_to_image)
 
 
 @dataclass
