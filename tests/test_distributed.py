@@ -78,7 +78,9 @@ def reference(tmp_path_factory):
     return tmp / "one"
 
 
-@pytest.mark.parametrize("strategy, accum", [("ddp", 2), ("fsdp", 2), ("ddp", 1)])
+# ddp with accumulation (12 s) under -m slow: fsdp-2 runs the same accumulation across ranks, and
+# tests/test_local_loss.py checks accumulated gradients on real gloo groups against one process
+@pytest.mark.parametrize("strategy, accum", [pytest.param("ddp", 2, marks=pytest.mark.slow), ("fsdp", 2), ("ddp", 1)])
 def test_two_processes_equal_one(tmp_path, reference, strategy, accum):
     # The reference accumulates 2 micro-batches; accumulation being exact, 1 micro-batch gives the same.
     # That case also takes the loss tile by tile (train.loss_tile) on the features gathered from both ranks.

@@ -67,7 +67,8 @@ def test_rank_shares_cover_every_index_once_with_equal_lengths():
         assert [i for (mine, _), size in zip(shares, sizes) for i in mine[:size]] == list(range(n))
 
 
-@pytest.mark.parametrize("name", ["tiny", "coca-tiny"])
+# coca-tiny (15 s) under -m slow, to keep the default suite under 5 minutes; tiny runs the same sharded encoding
+@pytest.mark.parametrize("name", ["tiny", pytest.param("coca-tiny", marks=pytest.mark.slow)])
 def test_two_gloo_processes_equal_one(tmp_path, name):
     """For a CoCa, the captioning loss too: token sums and counts are added over processes."""
     torch.manual_seed(0)

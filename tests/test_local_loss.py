@@ -134,7 +134,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+# 2 processes under -m slow (the 4-process run checks the same code with more rank boundaries)
+@pytest.mark.parametrize("world_size", [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_local_loss_across_processes_equals_one_process(world_size):
     errors = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_worker, args=(world_size, free_port(), errors), nprocs=world_size)
