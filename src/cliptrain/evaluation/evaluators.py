@@ -105,12 +105,11 @@ def image_groups(ids: Sequence | None) -> tuple[list[int] | None, torch.Tensor |
     with several captions per image, as `cliptrain eval --retrieval` groups them), else (None, None)."""
     if ids is None or len(set(ids)) == len(ids):
         return None, None
-    index: dict = {}
-    text_to_image = [index.setdefault(i, len(index)) for i in ids]
-    first = {}
+    first: dict = {}  # image -> its first row, in order of appearance (so an image's index is its position)
     for row, i in enumerate(ids):
         first.setdefault(i, row)
-    return list(first.values()), torch.tensor(text_to_image)
+    position = {i: k for k, i in enumerate(first)}
+    return list(first.values()), torch.tensor([position[i] for i in ids])
 
 
 @dataclass

@@ -82,13 +82,7 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     joined, total, logged, counts = _joined_loss(objective, outs, sums, world, local_share)
     names = [n for n, v in joined.items() if v is not None and v.requires_grad]
     grads = dict(zip(names, torch.autograd.grad(scale(total), [joined[n] for n in names], allow_unused=True)))
-    local = images.shape[0]
-    sizes = [len(i) for i, _ in chunks]
-    if local_share:  # already this rank's rows, times world_size (see forward_local)
-        sliced = {n: grads[n].split(sizes) for n in PER_SAMPLE_FIELDS if grads.get(n) is not None}
-    else:  # this rank's rows of the gathered gradient, times world_size: the ranks' gradients are averaged
-        sliced = {n: (grads[n][world.rank * local:(world.rank + 1) * local] * world.world_size).split(sizes)
-                  for n in PER_SAMPLE_FIELDS if grads.get(n) is not None}
+    sliced = _own_rows(grads, [len(i) for i, _ in chunks], world, local_share)
     shared = [n for n in names if n not in PER_SAMPLE_FIELDS and grads[n] is not None]
     for j, (i, t) in enumerate(chunks):
         last = j == len(chunks) - 1
@@ -104,6 +98,15 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
             torch.stack(terms).sum().backward()
     set_device_rng_state(after, images.device)
     return logged
+
+
+def _own_rows(grads: dict, sizes: list[int], world: World, local_share: bool) -> dict[str, tuple[torch.Tensor, ...]]:
+    """This rank's rows of each per-sample output's gradient, times world_size (the ranks' gradients are
+    averaged), split into the micro-batches' `sizes`. A local share's gradients are already that."""
+    local = sum(sizes)
+    rows = {n: grads[n] if local_share else grads[n][world.rank * local:(world.rank + 1) * local] * world.world_size
+            for n in PER_SAMPLE_FIELDS if grads.get(n) is not None}
+    return {n: g.split(sizes) for n, g in rows.items()}
 
 
 def _joined_loss(objective: Objective, outs: list[ModelOutput], sums: list[dict], world: World, local_share: bool):
