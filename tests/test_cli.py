@@ -148,3 +148,75 @@ def test_bad_arch_override_and_tokenizer_mismatch_messages(tmp_path, capsys):
     assert main(["train", "--tokenizer.path", str(tmp_path / "tok.json"), "--train.output_dir", str(tmp_path)]) == 2
     assert ("has context length 77 but the model has 24; set --model.arch.text.context_length 77"
             in capsys.readouterr().err)
+
+
+def colour_files(folder, n=12):
+    """`n` plain-colour pictures as class folders (zs/<colour>/i.png) and as an (image, caption) table."""
+    from PIL import Image
+    colours = ["red", "blue", "green", "yellow"]
+    rows = ["image,caption"]
+    for i in range(n):
+        c = colours[i % 4]
+        (folder / "zs" / c).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), c).save(folder / "zs" / c / f"{i}.png")
+        rows.append(f"zs/{c}/{i}.png,a {c} picture")
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_eval_sets_on_their_own_schedules_named_in_logs_results_and_report(tmp_path):
+    # Three sets beside the validation pairs: a zero-shot folder every 3 steps, a retrieval table with the validation
+    # (every epoch of 2 steps) and a linear probe every 4 (the last step: only at the end). Each is logged as <name>/<metric> at its steps, and the final
+    # figures equal `cliptrain eval` of the last checkpoint on the same files, with and without naming them.
+    colour_files(tmp_path)
+    sets = [{"name": "colours", "task": "zeroshot", "path": str(tmp_path / "zs"), "templates": "photo",
+             "every_steps": 3},
+            {"name": "pairs", "task": "retrieval", "path": str(tmp_path / "pairs.csv")},
+            {"name": "probe", "task": "linear_probe", "path": str(tmp_path / "zs"), "every_steps": 4}]
+    cfg = yaml.safe_load(micro_yaml(tmp_path).read_text())
+    cfg["data"] = {**cfg["data"], "train_samples": 64}
+    cfg["train"] = {**cfg["train"], "epochs": 2, "progress": False, "tensorboard": True}
+    cfg["eval"] = {**cfg["eval"], "sets": sets}
+    (tmp_path / "sets.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(tmp_path / "sets.yaml")]) == 0
+    run = tmp_path / "runs" / "cli"
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    steps = lambda key: [r["step"] for r in evals if key in r]  # noqa: E731
+    assert steps("colours/zeroshot_top1") == [3, 4] and steps("pairs/image_to_text_R@1") == [2, 4]
+    assert steps("probe/linear_probe_top1") == [4] and steps("zeroshot_top1") == [2, 4]
+    results = json.loads((run / "results.json").read_text())
+    assert results["colours/zeroshot_samples"] == 12 and results["pairs/retrieval_captions"] == 12
+    assert "colours/zeroshot_top1" in (run / "results.md").read_text()
+
+    last = ckpt.list_checkpoints(run)[-1]
+    assert main(["eval", "--checkpoint", str(run), "--output", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again.keys() == results.keys() - {"epoch"}
+    for key in again:
+        assert again[key] == pytest.approx(results[key], abs=1e-9), key
+    assert main(["eval", "--checkpoint", str(last), "--zeroshot", str(tmp_path / "zs"), "--templates", "photo",
+                 "--retrieval", str(tmp_path / "pairs.csv"), "--output", str(tmp_path / "files")]) == 0
+    files = json.loads((tmp_path / "files" / "results.json").read_text())
+    for key in ("zeroshot_top1", "zeroshot_top5", "image_to_text_R@1", "text_to_image_R@1", "text_to_image_mean_rank"):
+        name = "colours" if key.startswith("zeroshot") else "pairs"
+        assert files[key] == pytest.approx(results[f"{name}/{key}"], abs=1e-9), key
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("eval/colours/zeroshot_top1")] == [3, 4]
+    from cliptrain.app.report import make_report
+    page = make_report(run).read_text()
+    assert "eval_sets.png" in page and (run / "report" / "eval_sets.png").stat().st_size > 1000
+    assert "colours/zeroshot_top1" in page and "pairs/image_to_text_R@1" in page  # every set's latest figures
+
+
+def test_eval_sets_errors_name_the_set(tmp_path, capsys):
+    base = ["train", "--train.output_dir", str(tmp_path), "--eval.sets"]
+    assert main(base + ["[{name: a b, task: zeroshot, path: x}]"]) == 2
+    assert "eval.sets: name 'a b' must be letters, digits, '_', '.' or '-'" in capsys.readouterr().err
+    assert main(base + ["[{name: a, task: zeroshot, path: x}, {name: a, task: retrieval, path: y}]"]) == 2
+    assert "eval.sets: each set needs its own name, got ['a', 'a']" in capsys.readouterr().err
+    assert main(base + [f"[{{name: a, task: zeroshot, path: {tmp_path / 'nope'}}}]"]) == 2
+    assert f"error: classification data not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert main(base + ["[{name: a, task: zeroshot, path: x, test_path: y}]"]) == 2
+    assert "eval.sets[a].test_path is for task linear_probe" in capsys.readouterr().err

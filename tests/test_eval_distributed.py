@@ -67,8 +67,10 @@ def test_rank_shares_cover_every_index_once_with_equal_lengths():
         assert [i for (mine, _), size in zip(shares, sizes) for i in mine[:size]] == list(range(n))
 
 
-# coca-tiny (15 s) under -m slow, to keep the default suite under 5 minutes; tiny runs the same sharded encoding
-@pytest.mark.parametrize("name", ["tiny", pytest.param("coca-tiny", marks=pytest.mark.slow)])
+# under -m slow, to keep the default suite under 5 minutes: the test of `cliptrain eval` under torchrun below runs the
+# same sharded encoding
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny", "coca-tiny"])
 def test_two_gloo_processes_equal_one(tmp_path, name):
     """For a CoCa, the captioning loss too: token sums and counts are added over processes."""
     torch.manual_seed(0)
@@ -100,3 +102,37 @@ def test_two_gloo_processes_equal_one(tmp_path, name):
     assert ("val_caption_loss" in one) == (name == "coca-tiny")
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
+
+
+def test_cliptrain_eval_under_torchrun_equals_one_process(tmp_path):
+    # `cliptrain eval` of a run on 2 gloo processes: its validation pairs (37, so the shares differ) and its
+    # eval.sets (zero-shot with one unreadable file, retrieval), encoded in shares and gathered, give one process's
+    # figures; only rank 0 writes the results. (A linear probe fits on the same gathered image features.)
+    from conftest import micro_yaml
+    from cliptrain.app.cli import main
+    write_zeroshot_folder(tmp_path)
+    paths = sorted(p for p in (tmp_path / "zs").rglob("*.png") if p.name != "broken.png")
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + "".join(
+        f"{p},a {p.parent.name.replace('_', ' ')}\n" for p in paths))
+    sets = [{"name": "zs", "task": "zeroshot", "path": str(tmp_path / "zs"), "templates": "shapes"},
+            {"name": "pairs", "task": "retrieval", "path": str(tmp_path / "pairs.csv")}]
+    config = micro_yaml(tmp_path, "run", data={"val_samples": N}, train={"steps": 2}, eval={"sets": sets})
+    assert main(["train", "--config", str(config)]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--batch-size", "8", "--output",
+                 str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), "-m", "cliptrain", "eval", "--checkpoint", str(tmp_path / "run"),
+                          "--batch-size", "8", "--output", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("| samples |") == 1  # the table, printed by rank 0 alone
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert one["samples"] == N and one["zs/zeroshot_samples"] == N and one["zs/zeroshot_skipped"] == 1
+    assert one["pairs/retrieval_images"] == N and one["zeroshot_top1"] >= 0
+    assert two.keys() == one.keys()
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from cliptrain.base.config import ConfigError, EvalSection
+from cliptrain.base.config import ConfigError, EvalSection, EvalSetSpec
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -45,25 +45,47 @@ def cmd_eval(argv: list[str]) -> int:
     g.add_argument("--image-key", help="image path column (default: the first of path, image, filepath, file, ...)")
     g.add_argument("--label-key", default="label", help="label column: class index or name (default: %(default)s)")
     args = parser.parse_args(argv)
-    import torch
-
-    from cliptrain.evaluation.evaluate import format_table, write_results
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, cfg = _load_for_eval(args, device)
-    if args.precision:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=args.precision))
-    if args.zeroshot or args.retrieval or args.linear_probe:
-        results = _eval_datasets(args, model, tokenizer, cfg, device)
-    elif args.linear_probe_test or args.classnames:
+    if args.linear_probe_test and not args.linear_probe or args.classnames and not (args.zeroshot or args.linear_probe):
         raise ConfigError("--linear-probe-test needs --linear-probe, and --classnames needs --zeroshot or "
                           "--linear-probe")
-    else:
-        results = _eval_validation(args, model, tokenizer, cfg, device)
-    title = f"{cfg.model.name} checkpoint {Path(args.checkpoint).name}"
-    write_results(results, args.output or args.checkpoint, title)
-    print(format_table(results, title))
+    import gc
+
+    from cliptrain.base.distributed import init_distributed, shutdown
+    from cliptrain.evaluation.evaluate import format_table, write_results
+
+    world = init_distributed()  # under torchrun each process encodes a share of every set
+    try:
+        model, tokenizer, cfg = _load_for_eval(args, world.device)
+        if args.precision:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=args.precision))
+        specs = _dataset_specs(args)
+        results = (_eval_datasets(args, specs, model, tokenizer, cfg, world.device) if specs
+                   else _eval_validation(args, model, tokenizer, cfg, world.device))
+        if world.is_main:
+            title = f"{cfg.model.name} checkpoint {Path(args.checkpoint).name}"
+            write_results(results, args.output or args.checkpoint, title)
+            print(format_table(results, title))
+    finally:
+        model = None
+        gc.collect()
+        shutdown()
     return 0
+
+
+def _dataset_specs(args) -> list[EvalSetSpec]:
+    """The datasets named on the command line, as `eval.sets` entries named after their task."""
+    keys = {"image_key": args.image_key, "label_key": args.label_key}
+    specs = []
+    if args.zeroshot:
+        specs.append(EvalSetSpec("zeroshot", "zeroshot", args.zeroshot, classnames=args.classnames,
+                                 templates=args.templates, scoring=args.scoring, **keys))
+    if args.retrieval:
+        specs.append(EvalSetSpec("retrieval", "retrieval", args.retrieval, image_key=args.image_key,
+                                 caption_key=args.caption_key))
+    if args.linear_probe:
+        specs.append(EvalSetSpec("linear_probe", "linear_probe", args.linear_probe, args.linear_probe_test,
+                                 args.classnames, **keys))
+    return specs
 
 
 def _load_for_eval(args, device):
@@ -101,49 +123,34 @@ def _imported(path: str, device):
 
 
 def _eval_validation(args, model, tokenizer, cfg, device) -> dict[str, float]:
-    """The run's own validation data, as at the end of training."""
+    """The run's own evaluation, as at the end of training: its validation data, eval.zeroshot_data and eval.sets."""
     from cliptrain.base.precision import resolve_precision
     from cliptrain.evaluation.encode import EvalContext
     from cliptrain.evaluation.evaluators import build_evaluators, run_evaluators
-    from cliptrain.training.build import build_evalset, build_sources
+    from cliptrain.training.build import build_evalset, build_file_tasks, build_sources
 
     size = model.cfg.vision.image_size
     _, val_src, zs = build_sources(cfg, size, train=False)
     evalset = build_evalset(cfg, val_src, zs, size)
-    if evalset is None:
-        raise ConfigError("the checkpoint's run has no validation data (data.val_path is unset); give a dataset "
-                          "with --zeroshot, --retrieval or --linear-probe")
+    evaluators = build_evaluators(cfg.eval, evalset, build_file_tasks(cfg, size))
+    if not evaluators:
+        raise ConfigError("the checkpoint's run has no validation data (data.val_path, eval.zeroshot_data and "
+                          "eval.sets are unset); give a dataset with --zeroshot, --retrieval or --linear-probe")
     workers = cfg.data.workers if args.workers is None else args.workers
     ctx = EvalContext(model, tokenizer, None, device, resolve_precision(cfg.train.precision, device),
                       args.batch_size or cfg.eval.batch_size, workers)
-    return run_evaluators(build_evaluators(cfg.eval, evalset), ctx)
+    return run_evaluators(evaluators, ctx)
 
 
-def _eval_datasets(args, model, tokenizer, cfg, device) -> dict[str, float]:
-    """The zero-shot, retrieval and linear-probe datasets named on the command line."""
+def _eval_datasets(args, specs: list[EvalSetSpec], model, tokenizer, cfg, device) -> dict[str, float]:
+    """The zero-shot, retrieval and linear-probe datasets named on the command line (their figures keep the
+    task's own names: zeroshot_*, image_to_text_*, linear_probe_*)."""
     from cliptrain.base.precision import resolve_precision
-    from cliptrain.evaluation import datasets, prompts
     from cliptrain.evaluation.encode import EvalContext
-    from cliptrain.evaluation.evaluators import LinearProbeTask, RetrievalTask, ZeroShotTask, run_evaluators
+    from cliptrain.evaluation.evaluators import run_evaluators, set_task
     from cliptrain.training.build import eval_transform
 
     transform = eval_transform(cfg, model.cfg.vision.image_size)
     ctx = EvalContext(model, tokenizer, transform, device, resolve_precision(cfg.train.precision, device),
                       args.batch_size or cfg.eval.batch_size, cfg.data.workers if args.workers is None else args.workers)
-    names = prompts.load_classnames(args.classnames) if args.classnames else None
-    evaluators = []
-    if args.zeroshot:
-        data = datasets.load_labelled_images(args.zeroshot, names, args.image_key, args.label_key)
-        evaluators.append(ZeroShotTask(data, prompts.load_templates(args.templates), transform, "zeroshot_",
-                                       args.scoring))
-    if args.retrieval:
-        evaluators.append(RetrievalTask(datasets.load_retrieval_table(args.retrieval, args.image_key,
-                                                                      args.caption_key), transform))
-    if args.linear_probe:
-        train = datasets.load_labelled_images(args.linear_probe, names, args.image_key, args.label_key)
-        test = (datasets.load_labelled_images(args.linear_probe_test, train.classnames, args.image_key,
-                                              args.label_key) if args.linear_probe_test else None)
-        evaluators.append(LinearProbeTask(train, test, transform, args.seed))
-    elif args.linear_probe_test:
-        raise ConfigError("--linear-probe-test needs --linear-probe TRAIN")
-    return run_evaluators(evaluators, ctx)
+    return run_evaluators([set_task(spec, transform, args.seed) for spec in specs], ctx)

@@ -81,7 +81,36 @@ def _curves(report: Report, rows: list[dict]) -> None:
         fig.savefig(report.out_dir / "eval_curves.png")
         report.add("Evaluation over training", "eval_curves.png",
                    f"zero-shot accuracy and retrieval recall at each of the {len(evals)} evaluations")
-        report.summary = {k: v for k, v in evals[-1].items() if isinstance(v, (int, float)) and k not in ("time",)}
+        _set_curves(report, evals)
+        # each metric's latest value: the sets of eval.sets may be evaluated at other steps than the validation
+        report.summary = {k: v for r in evals for k, v in r.items() if isinstance(v, (int, float)) and k != "time"}
+
+
+_SET_KEYS = ("zeroshot_top1", "image_to_text_R@1", "text_to_image_R@1", "linear_probe_top1")
+
+
+def _set_curves(report: Report, evals: list[dict]) -> None:
+    """One panel per evaluation set of eval.sets (metrics `<name>/<metric>`): its headline figures over training."""
+    names = list(dict.fromkeys(k.split("/", 1)[0] for r in evals for k in r if "/" in k))
+    if not names:
+        return
+    fig = _figure(4.8 * min(len(names), 3), 3.4 * ((len(names) + 2) // 3))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot((len(names) + 2) // 3, min(len(names), 3), i + 1)
+        for key in _SET_KEYS:
+            points = [(r["step"], 100 * r[f"{name}/{key}"]) for r in evals if f"{name}/{key}" in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=key)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.savefig(report.out_dir / "eval_sets.png")
+    report.add("Evaluation sets over training", "eval_sets.png",
+               f"the headline figures of each set of eval.sets ({', '.join(names)}) at each of its evaluations")
 
 
 def _confusion(report: Report, matrix: torch.Tensor, names: list[str]) -> None:

@@ -241,6 +241,34 @@ class DistSection:
 
 
 @dataclass
+class EvalSetSpec:
+    """One more evaluation set (`eval.sets`): a dataset given as files, evaluated on its own schedule, its figures
+    logged and reported as `<name>/<metric>`."""
+    name: str                           # its name in logs and reports (letters, digits, _ . -)
+    task: Literal["zeroshot", "retrieval", "linear_probe"]
+    path: str                           # zeroshot / linear_probe: a folder of class folders or a (path, label)
+                                        # table; retrieval: an (image, caption) table
+    test_path: str | None = None        # linear_probe: test images (null: hold out 20% of path)
+    classnames: str | None = None       # zeroshot / linear_probe: built-in name or file (null: the folders' names)
+    templates: str = "openai-imagenet-short"  # zeroshot: built-in name or file
+    scoring: Literal["softmax", "sigmoid"] = "softmax"  # zeroshot
+    image_key: str | None = None        # tables: image column (null: the first of path, image, filepath, ...)
+    label_key: str = "label"
+    caption_key: str = "caption"
+    every_steps: int = 0                # also every N optimizer steps; 0: with the validation (eval.every_epochs)
+
+    def __post_init__(self):
+        import re
+        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
+               f"eval.sets: name {self.name!r} must be letters, digits, '_', '.' or '-'")
+        _check(self.every_steps >= 0, f"eval.sets[{self.name}].every_steps must be >= 0, got {self.every_steps}")
+        _check(self.test_path is None or self.task == "linear_probe",
+               f"eval.sets[{self.name}].test_path is for task linear_probe")
+        _check(self.classnames is None or self.task != "retrieval",
+               f"eval.sets[{self.name}].classnames is for tasks zeroshot and linear_probe")
+
+
+@dataclass
 class EvalSection:
     """What to evaluate, and when."""
     every_epochs: int = 1               # 0: only at the end
@@ -253,6 +281,7 @@ class EvalSection:
     zeroshot_templates: str = "openai-imagenet-short"  # prompt templates: built-in name or a file
     max_samples: int | None = None      # validate on the first N samples of data.val_path only (shards: only
                                         # the shards holding them are read); null: all
+    sets: list[EvalSetSpec] = field(default_factory=list)  # more datasets, each on its own schedule
 
     def __post_init__(self):
         _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, got {self.every_epochs}")
@@ -260,6 +289,8 @@ class EvalSection:
         _check(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
         _check(self.zeroshot_data is not None or self.zeroshot_classnames is None,
                "eval.zeroshot_classnames names the classes of eval.zeroshot_data, which is unset")
+        names = [s.name for s in self.sets]
+        _check(len(set(names)) == len(names), f"eval.sets: each set needs its own name, got {names}")
 
 
 @dataclass

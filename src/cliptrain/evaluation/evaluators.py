@@ -14,12 +14,13 @@ from typing import Protocol, Sequence
 
 import torch
 
-from cliptrain.base.config import EvalSection
+from cliptrain.base.config import EvalSection, EvalSetSpec
 from cliptrain.base.precision import autocast
 from cliptrain.data import PairDataset
 from cliptrain.evaluation.captioning import caption_val_loss, is_captioner
-from cliptrain.evaluation.datasets import LabelledImages, RetrievalSet
+from cliptrain.evaluation.datasets import LabelledImages, RetrievalSet, load_labelled_images, load_retrieval_table
 from cliptrain.evaluation.encode import EvalContext
+from cliptrain.evaluation.prompts import load_classnames, load_templates
 from cliptrain.evaluation.retrieval import retrieval_metrics
 from cliptrain.evaluation.tasks import run_linear_probe, run_retrieval, run_zeroshot
 from cliptrain.evaluation.zeroshot import build_classifier, zero_shot_metrics
@@ -172,6 +173,37 @@ class LinearProbeTask:
                                 seed=self.seed)
 
 
+@dataclass
+class NamedSet:
+    """A dataset of `eval.sets`: its task's metrics as `<name>/<metric>`, every `every_steps` optimizer steps
+    (0: with the validation, on eval.every_epochs) and at the end of training."""
+    name: str
+    task: Evaluator
+    every_steps: int = 0
+
+    def run(self, ctx: EvalContext) -> dict[str, float]:
+        return {f"{self.name}/{k}": v for k, v in self.task.run(ctx).items()}
+
+    def due(self, step: int) -> bool:
+        """Whether its step schedule evaluates it after optimizer step `step`."""
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+
+def set_task(spec: EvalSetSpec, transform, seed: int = 0) -> Evaluator:
+    """The evaluator of one dataset given as files (an `eval.sets` entry, or an option of `cliptrain eval`); its
+    files are read now, so a wrong path fails before any work."""
+    names = load_classnames(spec.classnames) if spec.classnames else None
+    if spec.task == "zeroshot":
+        data = load_labelled_images(spec.path, names, spec.image_key, spec.label_key)
+        return ZeroShotTask(data, load_templates(spec.templates), transform, "zeroshot_", spec.scoring)
+    if spec.task == "retrieval":
+        return RetrievalTask(load_retrieval_table(spec.path, spec.image_key, spec.caption_key), transform)
+    train = load_labelled_images(spec.path, names, spec.image_key, spec.label_key)
+    test = (load_labelled_images(spec.test_path, train.classnames, spec.image_key, spec.label_key)
+            if spec.test_path else None)
+    return LinearProbeTask(train, test, transform, seed)
+
+
 def pair_evaluators(evalset: EvalSet, val_loss: bool = True, retrieval: bool = True,
                     zeroshot: bool = True) -> list[Evaluator]:
     """The evaluators of a validation set that the switches select (zero-shot needs the set's labels and classes)."""
@@ -185,11 +217,12 @@ def pair_evaluators(evalset: EvalSet, val_loss: bool = True, retrieval: bool = T
     return chosen
 
 
-def build_evaluators(cfg: EvalSection, evalset: EvalSet | None, zeroshot_task: ZeroShotTask | None = None
+def build_evaluators(cfg: EvalSection, evalset: EvalSet | None, file_tasks: Sequence[Evaluator] = ()
                      ) -> list[Evaluator]:
-    """The evaluators a run's `eval` section asks for: those of its validation pairs, then eval.zeroshot_data."""
+    """The evaluators a run's `eval` section asks for: those of its validation pairs, then those of datasets
+    given as files (eval.zeroshot_data, eval.sets)."""
     chosen = pair_evaluators(evalset, cfg.val_loss, cfg.retrieval, cfg.zeroshot) if evalset is not None else []
-    return chosen + ([zeroshot_task] if zeroshot_task is not None else [])
+    return chosen + list(file_tasks)
 
 
 def run_evaluators(evaluators: Sequence[Evaluator], ctx: EvalContext) -> dict[str, float]:

@@ -20,7 +20,7 @@ from cliptrain.data.quality import DataQuality
 from cliptrain.data.streaming import ShardStream
 from cliptrain.evaluation.encode import EvalContext
 from cliptrain.evaluation.evaluate import format_table, write_results
-from cliptrain.evaluation.evaluators import EvalSet, Evaluator, run_evaluators
+from cliptrain.evaluation.evaluators import EvalSet, Evaluator, NamedSet, run_evaluators
 from cliptrain.training.build.model import PreparedModel
 from cliptrain.training.compile import is_compiled, warn_fallback
 from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
@@ -211,6 +211,9 @@ class Trainer:
                 self.quality.sync()  # every rank logs at the same steps
                 self.quality.check()
                 self._log_train(progress)
+            due = [e for e in self.evaluators if isinstance(e, NamedSet) and e.due(self.step)]
+            if due and self.step < self.total_steps:  # (the final evaluation runs every set)
+                self.record("eval", self._evaluate(due))
             if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
                 self.save()
             stopping = self.stop.agree(self.device)  # every step, the last too: the same decision on every rank
@@ -281,19 +284,26 @@ class Trainer:
         """Evaluate now, log the results, and (at the end) print the table and write results files."""
         if not self.evaluators:
             if final:
-                self.say("no validation data (data.val_path and eval.zeroshot_data are unset): evaluation skipped")
+                self.say("no validation data (data.val_path, eval.zeroshot_data and eval.sets are unset): "
+                         "evaluation skipped")
             return {}
-        e = self.cfg.eval
-        ctx = EvalContext(ckpt.unwrap(self.model), self.tokenizer, None, self.device, self.precision, e.batch_size,
-                          self.cfg.data.workers, self.say)
-        results = run_evaluators(self.evaluators, ctx)
-        results["epoch"] = self.step / self.steps_per_epoch
+        # the sets of eval.sets with a step schedule of their own run on it, and at the end
+        chosen = [e for e in self.evaluators if final or not (isinstance(e, NamedSet) and e.every_steps)]
+        if not chosen:
+            return {}
+        results = self._evaluate(chosen)
         self.record("eval", results)
         if final and self.world.is_main:
             title = f"{self.cfg.model.name} after {self.step} steps"
             write_results(results, self.run_dir, title)
             print("\n" + format_table(results, title), flush=True)
         return results
+
+    def _evaluate(self, evaluators: list[Evaluator]) -> dict[str, float]:
+        """The metrics of `evaluators` on the model now (a collective: every rank calls it at the same step)."""
+        ctx = EvalContext(ckpt.unwrap(self.model), self.tokenizer, None, self.device, self.precision,
+                          self.cfg.eval.batch_size, self.cfg.data.workers, self.say)
+        return {**run_evaluators(evaluators, ctx), "epoch": self.step / self.steps_per_epoch}
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, rng: list[dict]) -> dict:

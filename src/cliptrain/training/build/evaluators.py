@@ -1,13 +1,13 @@
-"""Builders of a run's evaluation data: the eval transform, the validation set and eval.zeroshot_data (the
+"""Builders of a run's evaluation data: the eval transform, the validation set, eval.zeroshot_data and eval.sets (the
 evaluators over them are chosen by `evaluation.evaluators.build_evaluators`)."""
 from __future__ import annotations
 
-from cliptrain.base.config import RunConfig
+import dataclasses
+
+from cliptrain.base.config import EvalSetSpec, RunConfig
 from cliptrain.data import PairDataset
 from cliptrain.data.transforms import image_transform
-from cliptrain.evaluation.datasets import load_labelled_images
-from cliptrain.evaluation.evaluators import EvalSet, ZeroShotTask
-from cliptrain.evaluation.prompts import load_classnames, load_templates
+from cliptrain.evaluation.evaluators import EvalSet, NamedSet, ZeroShotTask, set_task
 
 def eval_transform(cfg: RunConfig, image_size: int):
     """The evaluation preprocessing (resize, centre crop, normalise) of a run."""
@@ -23,11 +23,19 @@ def build_evalset(cfg: RunConfig, val_source, zeroshot: dict, image_size: int) -
 
 
 def build_zeroshot_task(cfg: RunConfig, image_size: int) -> ZeroShotTask | None:
-    """`eval.zeroshot_data` with its class names and templates, or None when unset."""
+    """`eval.zeroshot_data` with its class names and templates (figures `zeroshot_data_*`), or None when unset."""
     e = cfg.eval
     if not e.zeroshot_data:
         return None
-    names = load_classnames(e.zeroshot_classnames) if e.zeroshot_classnames else None
-    return ZeroShotTask(load_labelled_images(e.zeroshot_data, names), load_templates(e.zeroshot_templates),
-                        eval_transform(cfg, image_size))
+    spec = EvalSetSpec("zeroshot_data", "zeroshot", e.zeroshot_data, classnames=e.zeroshot_classnames,
+                       templates=e.zeroshot_templates)
+    return dataclasses.replace(set_task(spec, eval_transform(cfg, image_size)), prefix="zeroshot_data_")
 
+
+def build_file_tasks(cfg: RunConfig, image_size: int) -> list:
+    """The evaluators of datasets given as files: eval.zeroshot_data, then each of `eval.sets` with its name and
+    step schedule. Their files are read now, so a wrong path stops the run before any work."""
+    transform = eval_transform(cfg, image_size)
+    zeroshot = build_zeroshot_task(cfg, image_size)
+    return ([zeroshot] if zeroshot is not None else []) + [
+        NamedSet(spec.name, set_task(spec, transform, cfg.train.seed), spec.every_steps) for spec in cfg.eval.sets]

@@ -18,9 +18,9 @@ from cliptrain.data.transforms import image_transform
 from cliptrain.objectives import build_run_objective
 from cliptrain.text.files import load_tokenizer
 from cliptrain.training.build.data import build_sources, build_tokenizer, build_train_data, source_captions
-from cliptrain.evaluation.evaluators import EvalSet, ZeroShotTask, build_evaluators
+from cliptrain.evaluation.evaluators import EvalSet, Evaluator, build_evaluators
 from cliptrain.text.tokenizer import Tokenizer
-from cliptrain.training.build.evaluators import build_evalset, build_zeroshot_task
+from cliptrain.training.build.evaluators import build_evalset, build_file_tasks
 from cliptrain.training.build.model import (build_run_model, load_teacher, prepare_model, preprocessing_from_model,
                                             run_architecture)
 from cliptrain.training.guards import check_new_run_dir, check_output_dir, checkpoint_size
@@ -94,13 +94,15 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     torch.manual_seed(cfg.train.seed)
     cfg, model_cfg, tokenizer, imported = run_architecture(cfg, resume, say)
     size = model_cfg.vision.image_size
-    zeroshot_task = build_zeroshot_task(cfg, size)  # before the heavier work: a wrong path stops the run at once
+    file_tasks = build_file_tasks(cfg, size)  # before the heavier work: a wrong path stops the run at once
     train_src, val_src, zs = build_sources(cfg, size, log=say)
     teacher = load_teacher(cfg.distill.teacher, model_cfg) if cfg.distill.teacher else None
     if tokenizer is None:  # not the pretrained model's own
         tokenizer = build_run_tokenizer(cfg, resume, teacher is not None, train_src, model_cfg)
     model = build_run_model(model_cfg, tokenizer, resume, imported, say)
-    cfg = preprocessing_from_model(cfg, model)
+    cfg, before = preprocessing_from_model(cfg, model), cfg
+    if cfg.augment != before.augment:  # the tower's own normalisation: the file datasets' transform too
+        file_tasks = build_file_tasks(cfg, size)
     ckpt.seed_rng(cfg.train.seed, world.rank)  # step-time randomness differs per rank
     train_data = build_train_data(cfg, train_src, train_transform(cfg, size), tokenizer)
     if world.is_main:
@@ -108,7 +110,7 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
         save_config(cfg, run_dir / "config.yaml")
         tokenizer.save(run_dir / "tokenizer.json")
     evalset = build_evalset(cfg, val_src, zs, size)
-    trainer = Trainer(cfg, build_parts(cfg, model, tokenizer, train_data, evalset, zeroshot_task, teacher, world),
+    trainer = Trainer(cfg, build_parts(cfg, model, tokenizer, train_data, evalset, file_tasks, teacher, world),
                       run_dir, world)
     if resume is not None:
         trainer.resume(resume)
@@ -135,13 +137,13 @@ def train_transform(cfg: RunConfig, image_size: int):
 
 
 def build_parts(cfg: RunConfig, model: nn.Module, tokenizer: Tokenizer, train_data, evalset: EvalSet | None,
-                zeroshot_task: ZeroShotTask | None, teacher: nn.Module | None, world: World) -> Parts:
+                file_tasks: list[Evaluator], teacher: nn.Module | None, world: World) -> Parts:
     """The Trainer's parts: the model prepared for the world, then (from it) the objective and the optimizer, and
-    the evaluators the `eval` section selects."""
+    the evaluators the `eval` section selects (`file_tasks`: those of eval.zeroshot_data and eval.sets)."""
     prepared = prepare_model(cfg, model, world)
     if teacher is not None:
         teacher = teacher.to(world.device).eval().requires_grad_(False)
     objective = build_run_objective(cfg, prepared.module, distill=teacher is not None)
     optimizer = build_optimizer(prepared.module, cfg.optim)  # the unwrapped model: its parameter names
-    return Parts(prepared, tokenizer, train_data, objective, optimizer, build_evaluators(cfg.eval, evalset, zeroshot_task),
+    return Parts(prepared, tokenizer, train_data, objective, optimizer, build_evaluators(cfg.eval, evalset, file_tasks),
                  evalset, teacher)
