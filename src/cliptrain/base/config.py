@@ -295,9 +295,11 @@ class EvalSection:
 
 @dataclass
 class DistillSection:
-    """Distillation from a trained teacher checkpoint (same image size and tokenizer as the student)."""
-    teacher: str | None = None          # checkpoint directory of the teacher; null: no distillation
+    """Distillation from a frozen teacher: any weights model.pretrained reads, with its own image size,
+    normalisation and tokenizer (the loader feeds it the same samples in its preprocessing)."""
+    teacher: str | None = None          # cliptrain checkpoint, open_clip / OpenAI file or directory, HF directory
     weight: float = 1.0                 # weight of the KL term added to the objective
+    tokenizer: str | None = None        # the teacher's tokenizer, for weights that come without one (OpenAI .pt)
 
     def __post_init__(self):
         _check(self.weight >= 0, f"distill.weight must be >= 0, got {self.weight}")

@@ -24,25 +24,42 @@ class PairSource(Protocol):
 class Batch:
     """A batch of preprocessed images [B, 3, H, W], token ids [B, L] and their source indices [B].
 
-    `bad` lists the (reason, key, detail) of each bad sample whose place a good sample took.
+    `bad` lists the (reason, key, detail) of each bad sample whose place a good sample took. A distillation
+    teacher with preprocessing of its own gets its inputs of the same samples in `teacher_images` /
+    `teacher_texts` (None: it reads the student's).
     """
     images: torch.Tensor
     texts: torch.Tensor
     indices: torch.Tensor
     bad: tuple = ()
+    teacher_images: torch.Tensor | None = None
+    teacher_texts: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def to(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> "Batch":
         nb = device.type == "cuda"
-        images = self.images.to(device, non_blocking=nb, memory_format=memory_format)
-        return Batch(images, self.texts.to(device, non_blocking=nb), self.indices, self.bad)
+        move = lambda t, **kw: None if t is None else t.to(device, non_blocking=nb, **kw)  # noqa: E731
+        return Batch(move(self.images, memory_format=memory_format), move(self.texts), self.indices, self.bad,
+                     move(self.teacher_images, memory_format=memory_format), move(self.teacher_texts))
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies of the tensors that go to the GPU (a DataLoader with pin_memory=True calls this
         for a custom batch type), so that `to(cuda)` is an asynchronous copy."""
-        return Batch(self.images.pin_memory(), self.texts.pin_memory(), self.indices, self.bad)
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.images), pin(self.texts), self.indices, self.bad, pin(self.teacher_images),
+                     pin(self.teacher_texts))
+
+
+@dataclass
+class TeacherInputs:
+    """What a distillation teacher with preprocessing of its own reads of each training sample: its image view
+    (`transform`: the student's augmentation, drawn from the same per-sample seed, so the same crop, flip and
+    jitter, at the teacher's size, interpolation and normalisation) and its tokens of the caption the student
+    reads (`tokenizer`). A part left None is the student's."""
+    transform: object | None = None  # cliptrain.data.transforms.ImageTransform (train)
+    tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -88,8 +105,10 @@ class PairDataset(Dataset):
 
     MAX_CONSECUTIVE_BAD = 1000
 
-    def __init__(self, source: PairSource, transform: Callable, seed: int = 0, word_dropout: float = 0.0):
+    def __init__(self, source: PairSource, transform: Callable, seed: int = 0, word_dropout: float = 0.0,
+                 teacher: TeacherInputs | None = None):
         self.source, self.transform, self.seed, self.word_dropout = source, transform, seed, word_dropout
+        self.teacher = teacher
 
     def __len__(self) -> int:
         return len(self.source)
@@ -111,7 +130,14 @@ class PairDataset(Dataset):
                                f"consecutive bad samples from index {index}; first: {bad[0] if bad else '?'}")
         pixels = augment(self.transform, image, self.seed, epoch, index)
         caption = drop_words(pick_caption(caption, self.seed, epoch, index), self.word_dropout, self.seed, epoch, index)
-        return pixels, caption, j, bad
+        return (pixels, caption, j, bad) + teacher_view(self.teacher, image, self.seed, epoch, index)
+
+
+def teacher_view(teacher: TeacherInputs | None, image, seed: int, epoch: int, index: int) -> tuple:
+    """(the teacher's view of sample `index`,) when it has an image transform of its own, else ()."""
+    if teacher is None or teacher.transform is None:
+        return ()
+    return (augment(teacher.transform, image, seed, epoch, index),)
 
 
 class ReadableOnly:
@@ -196,11 +222,12 @@ class EpochSampler(Sampler):
 
 
 class Collate:
-    """Stacks and normalises images, and tokenizes captions, one call each per batch."""
+    """Stacks and normalises images, and tokenizes captions, one call each per batch (and the same for a
+    distillation teacher's inputs of its own: items then carry its view fifth)."""
 
     def __init__(self, tokenizer: Callable[[Sequence[str]], torch.Tensor],
-                 normalize: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.tokenizer, self.normalize = tokenizer, normalize
+                 normalize: Callable[[torch.Tensor], torch.Tensor] | None = None, teacher: TeacherInputs | None = None):
+        self.tokenizer, self.normalize, self.teacher = tokenizer, normalize, teacher
 
     def __call__(self, items: list[tuple]) -> Batch:
         images, captions, indices = zip(*(item[:3] for item in items))
@@ -208,7 +235,13 @@ class Collate:
         if self.normalize is not None:
             pixels = self.normalize(pixels)
         bad = tuple(b for item in items if len(item) > 3 for b in item[3])
-        return Batch(pixels, self.tokenizer(list(captions)), torch.tensor(indices), bad)
+        batch = Batch(pixels, self.tokenizer(list(captions)), torch.tensor(indices), bad)
+        t = self.teacher
+        if t is not None and t.transform is not None:
+            batch.teacher_images = t.transform.normalize(torch.stack([item[4] for item in items]))
+        if t is not None and t.tokenizer is not None:
+            batch.teacher_texts = t.tokenizer(list(captions))
+        return batch
 
 
 def loader_generator() -> torch.Generator:
@@ -225,7 +258,8 @@ def make_loader(dataset: PairDataset, tokenizer: Callable, batch_size: int, samp
     """A DataLoader of `Batch` in the sampler's order. With `persistent`, its worker processes live
     across iterations (change the sampler's `epoch` / `start` between them)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                      collate_fn=Collate(tokenizer, dataset.transform.normalize), num_workers=workers,
+                      collate_fn=Collate(tokenizer, dataset.transform.normalize, getattr(dataset, "teacher", None)),
+                      num_workers=workers,
                       pin_memory=pin_memory, drop_last=False, persistent_workers=persistent and workers > 0,
                       prefetch_factor=4 if workers else None, worker_init_fn=worker_init_fn if workers else None,
                       generator=loader_generator())

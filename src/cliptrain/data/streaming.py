@@ -34,7 +34,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cliptrain.data import Collate, augment, drop_words, loader_generator, shutdown_loader
+from cliptrain.data import (Collate, TeacherInputs, augment, drop_words, loader_generator, shutdown_loader,
+                            teacher_view)
 from cliptrain.data.samples import (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, BadSample, decode_caption, decode_image)
 from cliptrain.data.shards import ShardError, group_samples, iter_tar, open_url, parse_sources, shard_sizes
 
@@ -153,7 +154,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, transform, tokenizer: Callable, batch_size: int, seed: int = 0,
                  resampled: bool = False, samples_per_epoch: int | None = None, shuffle_buffer: int = 1000,
-                 caption_key: str = "caption", max_pixels: int | None = None, word_dropout: float = 0.0):
+                 caption_key: str = "caption", max_pixels: int | None = None, word_dropout: float = 0.0,
+                 teacher: TeacherInputs | None = None):
         if len(shards.sources) > 1 and not resampled and any(s.weight != 1.0 for s in shards.sources):
             raise ValueError("data.weights mixes sources by sampling: set data.resampled true "
                              "(in epoch mode every sample of every source is read once)")
@@ -161,8 +163,8 @@ class ShardStream(IterableDataset):
         self.batch_size, self.seed, self.resampled = batch_size, seed, resampled
         self.samples = samples_per_epoch if (resampled and samples_per_epoch) else len(shards)
         self.shuffle_buffer, self.caption_key, self.max_pixels = shuffle_buffer, caption_key, max_pixels
-        self.word_dropout = word_dropout
-        self.collate = Collate(tokenizer, transform.normalize)
+        self.word_dropout, self.teacher = word_dropout, teacher
+        self.collate = Collate(tokenizer, transform.normalize, teacher)
         # epoch, start step, rank, world size, streams: in shared memory, so persistent workers see each
         # new epoch's position when the loader is iterated again
         self._position = torch.tensor([0, 0, 0, 1, 1], dtype=torch.long).share_memory_()
@@ -307,7 +309,8 @@ class ShardStream(IterableDataset):
         image, caption = decoded or decode_item(item, self.caption_key, self.max_pixels)
         pixels = augment(self.transform, image, self.seed, epoch, seed_id)
         caption = drop_words(caption, self.word_dropout, self.seed, epoch, seed_id)
-        return pixels, caption, item["__id__"], [(b.reason, b.key, b.detail) for b in bad]
+        return ((pixels, caption, item["__id__"], [(b.reason, b.key, b.detail) for b in bad])
+                + teacher_view(self.teacher, image, self.seed, epoch, seed_id))
 
 
 class ShardSamples:

@@ -28,16 +28,17 @@ def _total(objective: Objective, output: ModelOutput) -> tuple[torch.Tensor, dic
     return total, {**{k: v.detach() for k, v in losses.items()}, "loss": total.detach()}
 
 
-def _first_pass(model: nn.Module, objective: Objective, chunks: list, precision: str, teacher: nn.Module | None):
+def _first_pass(model: nn.Module, objective: Objective, chunks: list, precision: str, teacher: nn.Module | None,
+                teacher_chunks: list):
     """Encode every micro-batch without gradients: (per-sample outputs, token sums, the RNG state before
     each micro-batch, the RNG state after all). Each micro-batch is re-encoded later with the random
     draws (e.g. patch dropout) of this pass."""
     device = chunks[0][0].device
     outs, sums, rng = [], [], []
     with torch.no_grad(), autocast(precision, device):
-        for i, t in chunks:
+        for (i, t), teacher_input in zip(chunks, teacher_chunks):
             rng.append(device_rng_state(device))
-            out, captioned = _split_tokens(_encode(model, teacher, i, t))
+            out, captioned = _split_tokens(_encode(model, teacher, i, t, teacher_input))
             outs.append(out)
             sums.append(_token_sums(objective, captioned))
     return outs, sums, rng, device_rng_state(device)
@@ -46,7 +47,8 @@ def _first_pass(model: nn.Module, objective: Objective, chunks: list, precision:
 def forward_backward(model: nn.Module, objective: Objective, images: torch.Tensor, texts: torch.Tensor,
                      accum_steps: int = 1, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
                      world: World | None = None, no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-                     teacher: nn.Module | None = None) -> dict[str, torch.Tensor]:
+                     teacher: nn.Module | None = None, teacher_images: torch.Tensor | None = None,
+                     teacher_texts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Accumulate into `.grad` the gradient of the objective on the whole (global) batch; return detached losses.
 
     Across ranks, per-sample outputs of every rank are gathered, so every rank's loss sees the global
@@ -62,8 +64,9 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
          micro-batch (the one whose backward synchronises gradients across ranks).
     `no_sync` (DDP's `no_sync`) suppresses the gradient all-reduce of the first k-1 micro-batches.
     The model must be deterministic between the two encodings.
-    A frozen `teacher` model's outputs on the same inputs are added to the outputs as teacher_* fields
-    (constants: no gradient flows into the teacher).
+    A frozen `teacher` model's outputs are added to the outputs as teacher_* fields (constants: no gradient
+    flows into the teacher); it reads the student's inputs, or `teacher_images` / `teacher_texts` (the same
+    samples in its own preprocessing) where given.
 
     Token-summed losses (an objective's `token_sums`, e.g. CoCa's caption loss: a mean over every
     counted token of the global batch) are neither gathered nor cached. The rule: the loss is
@@ -74,10 +77,13 @@ def forward_backward(model: nn.Module, objective: Objective, images: torch.Tenso
     """
     world = world or World()
     scale = scaler.scale if scaler is not None else (lambda t: t)
+    teacher_input = (images if teacher_images is None else teacher_images,
+                     texts if teacher_texts is None else teacher_texts)
     if accum_steps == 1:
-        return _single_backward(model, objective, images, texts, precision, scale, world, teacher)
+        return _single_backward(model, objective, images, texts, precision, scale, world, teacher, teacher_input)
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
-    outs, sums, rng, after = _first_pass(model, objective, chunks, precision, teacher)
+    teacher_chunks = list(zip(*(x.chunk(accum_steps) for x in teacher_input)))
+    outs, sums, rng, after = _first_pass(model, objective, chunks, precision, teacher, teacher_chunks)
     local_share = world.distributed and exchanges_features(objective)
     joined, total, logged, counts = _joined_loss(objective, outs, sums, world, local_share)
     names = [n for n, v in joined.items() if v is not None and v.requires_grad]
@@ -142,10 +148,11 @@ def set_device_rng_state(state: tuple, device: torch.device) -> None:
 
 
 def _single_backward(model: nn.Module, objective: Objective, images: torch.Tensor, texts: torch.Tensor,
-                     precision: str, scale: Callable, world: World, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
+                     precision: str, scale: Callable, world: World, teacher: nn.Module | None,
+                     teacher_input: tuple) -> dict[str, torch.Tensor]:
     """One forward and backward of the whole batch (features gathered across ranks with gradients)."""
     with autocast(precision, images.device):
-        output, captioned = _split_tokens(_encode(model, teacher, images, texts))
+        output, captioned = _split_tokens(_encode(model, teacher, images, texts, teacher_input))
     if world.distributed and exchanges_features(objective):  # the objective exchanges features itself
         losses = objective.forward_local(output, world)
         logged = {k: mean_over_ranks(v.detach()) for k, v in losses.items()}
@@ -203,12 +210,13 @@ def _join(outs: list[ModelOutput], world: World | None) -> dict[str, torch.Tenso
     return joined
 
 
-def _encode(model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, texts: torch.Tensor) -> ModelOutput:
-    """The model's outputs, with the teacher's (computed without gradients) when distilling."""
+def _encode(model: nn.Module, teacher: nn.Module | None, images: torch.Tensor, texts: torch.Tensor,
+            teacher_input: tuple) -> ModelOutput:
+    """The model's outputs, with the teacher's on `teacher_input` (computed without gradients) when distilling."""
     output = model(images, texts)
     if teacher is None:
         return output
     with torch.no_grad():
-        t = teacher(images, texts)
+        t = teacher(*teacher_input)
     return dataclasses.replace(output, teacher_image_features=t.image_features, teacher_text_features=t.text_features,
                                teacher_logit_scale=t.logit_scale)

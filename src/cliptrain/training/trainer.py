@@ -106,7 +106,8 @@ class Trainer:
         again uncompiled, from the same RNG state and with no gradient left over from the failed attempt."""
         def run() -> dict[str, torch.Tensor]:
             return forward_backward(self.model, self.objective, batch.images, batch.texts, self.cfg.train.accum_steps,
-                                    self.precision, self.scaler, self.world, self.no_sync, self.teacher)
+                                    self.precision, self.scaler, self.world, self.no_sync, self.teacher,
+                                    batch.teacher_images, batch.teacher_texts)
         if not is_compiled(self.model):
             return run()
         rng = device_rng_state(self.device)

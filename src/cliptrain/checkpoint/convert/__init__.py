@@ -39,6 +39,9 @@ __all__ = ["Preprocess", "Imported", "import_pretrained", "resolve_architecture"
 MERGES_FILES = ("bpe_simple_vocab_16e6.txt.gz", "bpe_simple_vocab_16e6.txt", "merges.txt")
 
 
+CLIPTRAIN_SOURCE = "cliptrain checkpoint"  # Imported.source of a cliptrain checkpoint
+
+
 @dataclass
 class Preprocess:
     """The evaluation preprocessing a model expects."""
@@ -159,7 +162,7 @@ def _from_cliptrain(path: Path) -> Imported:
     pre = Preprocess(cfg.vision.image_size, tuple(a.get("mean", OPENAI_MEAN)), tuple(a.get("std", OPENAI_STD)),
                      a.get("interpolation", "bicubic"), a.get("resize_mode", "shortest"))
     tok = load_tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else None
-    return Imported(cfg, load_file(str(weights)), tok, pre, "cliptrain checkpoint")
+    return Imported(cfg, load_file(str(weights)), tok, pre, CLIPTRAIN_SOURCE)
 
 
 def _from_file(path: Path, name: str | None) -> Imported:

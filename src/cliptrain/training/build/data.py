@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from cliptrain.base.config import RunConfig, detect_source
-from cliptrain.data import PairDataset, readable_only
+from cliptrain.data import PairDataset, TeacherInputs, readable_only
 from cliptrain.data.shapes import CLASS_NAMES, HELD_OUT, TEMPLATES, ShapesDataset
 from cliptrain.data.sources import open_source
 from cliptrain.data.streaming import ShardSet, ShardStream
@@ -51,14 +51,16 @@ def build_sources(cfg: RunConfig, image_size: int, train: bool = True, log: Call
     return train_src, val, {}
 
 
-def build_train_data(cfg: RunConfig, source, transform, tokenizer: Tokenizer) -> PairDataset | ShardStream:
-    """What the trainer draws batches from: a PairDataset over an indexable source, or a ShardStream."""
+def build_train_data(cfg: RunConfig, source, transform, tokenizer: Tokenizer, teacher: TeacherInputs | None = None
+                     ) -> PairDataset | ShardStream:
+    """What the trainer draws batches from: a PairDataset over an indexable source, or a ShardStream (with a
+    distillation teacher's own inputs of each sample, when it has a preprocessing of its own)."""
     d = cfg.data
     if isinstance(source, ShardSet):
         return ShardStream(source, transform, tokenizer, cfg.train.batch_size, cfg.train.seed, d.resampled,
                            d.train_samples, d.shuffle_buffer, d.caption_key, d.max_image_pixels,
-                           cfg.augment.text_word_dropout)
-    return PairDataset(source, transform, cfg.train.seed, cfg.augment.text_word_dropout)
+                           cfg.augment.text_word_dropout, teacher)
+    return PairDataset(source, transform, cfg.train.seed, cfg.augment.text_word_dropout, teacher)
 
 
 def source_captions(source, caption_key: str = "caption") -> list[str]:

@@ -4,6 +4,7 @@ memory format, locked towers, precision, DDP / FSDP2 wrapping, compilation)."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,8 +16,10 @@ from cliptrain.base.config import ConfigError, RunConfig, deep_update, flatten, 
 from cliptrain.base.distributed import World
 from cliptrain.base.precision import resolve_precision, to_pure_bf16
 from cliptrain.checkpoint import store as ckpt
-from cliptrain.checkpoint.convert import Imported, architecture_for_name, import_pretrained, resolve_architecture
-from cliptrain.checkpoint.load import load_checkpoint
+from cliptrain.checkpoint.convert import (Imported, Preprocess, architecture_for_name, import_pretrained,
+                                          resolve_architecture)
+from cliptrain.data import TeacherInputs
+from cliptrain.data.transforms import ImageTransform, image_transform
 from cliptrain.models import CLIP, create_model
 from cliptrain.models.config import CLIPConfig, TRAINING_ONLY_ARCH
 from cliptrain.text.tokenizer import Tokenizer
@@ -93,15 +96,44 @@ def preprocessing_from_model(cfg: RunConfig, model: CLIP) -> RunConfig:
     return dataclasses.replace(cfg, augment=augment)
 
 
-def load_teacher(path: str, student: CLIPConfig) -> CLIP:
-    """The frozen teacher model of a checkpoint directory; it must read the student's inputs."""
-    teacher, _, _ = load_checkpoint(path)
-    t = teacher.cfg
-    if (t.vision.image_size, t.text.context_length) != (student.vision.image_size, student.text.context_length):
-        raise ValueError(f"teacher {path} takes {t.vision.image_size} px images and {t.text.context_length} tokens, "
-                         f"the student {student.vision.image_size} px and {student.text.context_length}; "
-                         f"distillation needs the same inputs")
-    return teacher.requires_grad_(False)
+@dataclass
+class Teacher:
+    """A frozen distillation teacher (`distill.teacher`): its model, its tokenizer and the preprocessing it was
+    trained with, whichever format it came in (cliptrain, open_clip, OpenAI, Hugging Face)."""
+    model: CLIP
+    tokenizer: Callable | None
+    preprocess: Preprocess
+    source: str
+
+
+def load_teacher(path: str, tokenizer_path: str | None = None) -> Teacher:
+    """The teacher of `distill.teacher`: any weights `import_pretrained` reads; `tokenizer_path` for weights
+    that come without a tokenizer (an OpenAI .pt file)."""
+    imported = import_pretrained(path, tokenizer_path=tokenizer_path)
+    if imported.tokenizer is None:
+        raise ConfigError(f"the teacher {path} comes without a tokenizer; pass --distill.tokenizer with OpenAI "
+                          "CLIP's merges file (bpe_simple_vocab_16e6.txt.gz) or a tokenizer.json")
+    return Teacher(imported.model().requires_grad_(False), imported.tokenizer, imported.preprocess, imported.source)
+
+
+def teacher_inputs(teacher: Teacher, student: ImageTransform, tokenizer: Callable, say: Callable[[str], None] = print
+                   ) -> TeacherInputs | None:
+    """What the loader must make for a teacher whose preprocessing differs from the student's (None: it reads the
+    student's inputs): its image view (the student's augmentation at the teacher's size and normalisation) and
+    its tokens (when it has another tokenizer than the student's)."""
+    p = teacher.preprocess
+    own_view = (p.image_size, tuple(p.mean), tuple(p.std), p.interpolation) != (
+        student.image_size, student.mean, student.std, student.interpolation)
+    transform = image_transform(p.image_size, True, p.mean, p.std, p.interpolation, student.scale, student.ratio,
+                                color_jitter=student.color_jitter, color_jitter_prob=student.color_jitter_prob,
+                                grayscale_prob=student.grayscale_prob) if own_view else None
+    own_tokens = teacher.tokenizer is not tokenizer
+    if not (own_view or own_tokens):
+        return None
+    parts = ([f"{p.image_size} px images normalised by mean {tuple(p.mean)}, std {tuple(p.std)}, {p.interpolation}"]
+             if own_view else []) + ([f"its own tokens ({teacher.tokenizer!r})"] if own_tokens else [])
+    say(f"the teacher ({teacher.source}) reads the same samples in its own preprocessing: {'; '.join(parts)}")
+    return TeacherInputs(transform, teacher.tokenizer if own_tokens else None)
 
 
 def use_channels_last(setting: bool | None, model: nn.Module, device: torch.device, sharded: bool = False) -> bool:

@@ -2,7 +2,6 @@
 objective, optimizer, evaluators) from its builder, handed to the Trainer."""
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -17,12 +16,14 @@ from cliptrain.checkpoint.remote import RemoteCheckpoints
 from cliptrain.data.transforms import image_transform
 from cliptrain.objectives import build_run_objective
 from cliptrain.text.files import load_tokenizer
-from cliptrain.training.build.data import build_sources, build_tokenizer, build_train_data, source_captions
+from cliptrain.checkpoint.convert import CLIPTRAIN_SOURCE
+from cliptrain.training.build.data import (build_sources, build_tokenizer, build_train_data, check_tokenizer,
+                                          source_captions)
 from cliptrain.evaluation.evaluators import EvalSet, Evaluator, build_evaluators
 from cliptrain.text.tokenizer import Tokenizer
 from cliptrain.training.build.evaluators import build_evalset, build_file_tasks
-from cliptrain.training.build.model import (build_run_model, load_teacher, prepare_model, preprocessing_from_model,
-                                            run_architecture)
+from cliptrain.training.build.model import (Teacher, build_run_model, load_teacher, prepare_model,
+                                            preprocessing_from_model, run_architecture, teacher_inputs)
 from cliptrain.training.guards import check_new_run_dir, check_output_dir, checkpoint_size
 from cliptrain.training.host_memory import keep_freed_memory
 from cliptrain.training.optim import build_optimizer
@@ -96,35 +97,42 @@ def build_trainer(cfg: RunConfig, world: World | None = None) -> Trainer:
     size = model_cfg.vision.image_size
     file_tasks = build_file_tasks(cfg, size)  # before the heavier work: a wrong path stops the run at once
     train_src, val_src, zs = build_sources(cfg, size, log=say)
-    teacher = load_teacher(cfg.distill.teacher, model_cfg) if cfg.distill.teacher else None
+    teacher = load_teacher(cfg.distill.teacher, cfg.distill.tokenizer) if cfg.distill.teacher else None
     if tokenizer is None:  # not the pretrained model's own
-        tokenizer = build_run_tokenizer(cfg, resume, teacher is not None, train_src, model_cfg)
+        tokenizer = build_run_tokenizer(cfg, resume, teacher, train_src, model_cfg)
     model = build_run_model(model_cfg, tokenizer, resume, imported, say)
     cfg, before = preprocessing_from_model(cfg, model), cfg
     if cfg.augment != before.augment:  # the tower's own normalisation: the file datasets' transform too
         file_tasks = build_file_tasks(cfg, size)
     ckpt.seed_rng(cfg.train.seed, world.rank)  # step-time randomness differs per rank
-    train_data = build_train_data(cfg, train_src, train_transform(cfg, size), tokenizer)
+    transform = train_transform(cfg, size)
+    train_data = build_train_data(cfg, train_src, transform, tokenizer,
+                                  teacher_inputs(teacher, transform, tokenizer, say) if teacher else None)
     if world.is_main:
         check_output_dir(run_dir, checkpoint_size(model))
         save_config(cfg, run_dir / "config.yaml")
         tokenizer.save(run_dir / "tokenizer.json")
     evalset = build_evalset(cfg, val_src, zs, size)
-    trainer = Trainer(cfg, build_parts(cfg, model, tokenizer, train_data, evalset, file_tasks, teacher, world),
+    trainer = Trainer(cfg, build_parts(cfg, model, tokenizer, train_data, evalset, file_tasks,
+                                   teacher.model if teacher else None, world),
                       run_dir, world)
     if resume is not None:
         trainer.resume(resume)
     return trainer
 
 
-def build_run_tokenizer(cfg: RunConfig, resume: Path | None, distilling: bool, train_src, model_cfg) -> Tokenizer:
-    """The run's tokenizer: the checkpoint's when resuming, the teacher's when distilling without
-    `tokenizer.path` (the student reads the teacher's tokens), else the configured one (`build_tokenizer`)."""
+def build_run_tokenizer(cfg: RunConfig, resume: Path | None, teacher: Teacher | None, train_src,
+                        model_cfg) -> Tokenizer:
+    """The run's tokenizer: the checkpoint's when resuming; a cliptrain teacher's when distilling without
+    `tokenizer.path` and the context lengths agree (the student reads the teacher's tokens); else the configured
+    one (`build_tokenizer`; the teacher then reads its own tokens)."""
     if resume is not None:
         return load_tokenizer(resume / "tokenizer.json")
-    if distilling and cfg.tokenizer.path is None:
-        teacher_tokens = dataclasses.replace(cfg.tokenizer, path=str(Path(cfg.distill.teacher) / "tokenizer.json"))
-        return build_tokenizer(dataclasses.replace(cfg, tokenizer=teacher_tokens), list, model_cfg)
+    tok = teacher.tokenizer if teacher is not None and teacher.source == CLIPTRAIN_SOURCE else None
+    if (cfg.tokenizer.path is None and tok is not None and not model_cfg.text.hf_model
+            and tok.context_length == model_cfg.text.context_length):
+        check_tokenizer(tok, f"of the teacher {cfg.distill.teacher}", model_cfg.text)
+        return tok
     return build_tokenizer(cfg, lambda: source_captions(train_src, cfg.data.caption_key), model_cfg)
 
 
