@@ -17,7 +17,8 @@ MICRO_ARCH = {"embed_dim": 32,
 
 
 # What makes a test an integration test: it trains a run, starts processes or runs the command line.
-_INTEGRATION = re.compile(r"build_trainer\(|subprocess\.|torch\.distributed\.run|\.fit\(|main\(\[")
+_INTEGRATION = re.compile(r"build_trainer\(|subprocess\.|torch\.distributed\.run|\.fit\(|main\(\[|"
+                          r"\blaunch\(|(?<![.\w])run\(")
 
 
 def _source(func) -> str:

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,9 @@ from safetensors.torch import load_file
 from cliptrain.checkpoint import store as ckpt
 
 from conftest import micro_yaml
+from launch import Launched, free_port, launch
 
 STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path, name, **sections):
@@ -32,14 +26,21 @@ def write_config(tmp_path, name, **sections):
                       eval={"zeroshot": False}, dist={"timeout_s": 30, **sections.pop("dist", {})}, **sections)
 
 
-def run(config, nproc, *extra, timeout=240):
+def run(config, nproc, *extra, timeout=240, torchrun=False):
+    """`cliptrain train --config CONFIG` on `nproc` ranks (tests/launch.py), which must succeed; one process runs
+    in this one (the reference runs: no interpreter to start)."""
+    args = ["train", "--config", str(config), *extra]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "cliptrain", "train", "--config", str(config), *extra]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), "-m", "cliptrain", "train", "--config", str(config), *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        import contextlib
+        import io
+
+        from cliptrain.app.cli import main
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main(args)
+        assert code == 0, buffer.getvalue()[-3000:]
+        return Launched(code, buffer.getvalue(), "")
+    out = launch(["cliptrain", *args], nproc, timeout, torchrun)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -85,7 +86,8 @@ def test_two_processes_equal_one(tmp_path, reference, strategy, accum):
     # The reference accumulates 2 micro-batches; accumulation being exact, 1 micro-batch gives the same.
     # That case also takes the loss tile by tile (train.loss_tile) on the features gathered from both ranks.
     train = {"accum_steps": accum, **({"loss_tile": 8} if accum == 1 else {})}
-    out = run(write_config(tmp_path, "two", dist={"strategy": strategy}, train=train), 2)
+    # one case goes through torchrun itself; the others start the ranks directly (tests/launch.py)
+    out = run(write_config(tmp_path, "two", dist={"strategy": strategy}, train=train), 2, torchrun=accum == 1)
     assert "processes: 2" in out.stdout
     two = tmp_path / "two"
     # (the tiled loss matches the plain one to 1e-5, which six AdamW steps turn into up to 1.5e-5 per tensor)
