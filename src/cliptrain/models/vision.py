@@ -136,7 +136,9 @@ class TimmVisionTower(AdapterTower):
         super().__init__()
         self.cfg = cfg
         self.trunk = _create_timm(cfg, pretrained)
-        self.proj = projection_head(cfg.timm_proj, self.trunk.num_features, embed_dim, "vision.timm_proj")
+        # a trunk keeping a classifier (timm_kwargs num_classes, as open_clip's EVA configs) outputs its size
+        width = getattr(self.trunk, "num_classes", 0) or self.trunk.num_features
+        self.proj = projection_head(cfg.timm_proj, width, embed_dim, "vision.timm_proj")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] images -> [B, embed_dim] unnormalised features."""

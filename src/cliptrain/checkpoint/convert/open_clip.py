@@ -50,17 +50,25 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
     if "multimodal_cfg" in model_cfg:
         return _coca_config(model_cfg, source)
     v, t = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
-    bad = [f"vision_cfg.{k}={v[k]!r}" for k, ok in _UNSUPPORTED_VISION.items() if v.get(k, ok) != ok]
+    timm = bool(v.get("timm_model_name"))
+    vision_rules = {k: ok for k, ok in _UNSUPPORTED_VISION.items() if not (timm and k == "timm_model_name")}
+    bad = [f"vision_cfg.{k}={v[k]!r}" for k, ok in vision_rules.items() if v.get(k, ok) != ok]
     bad += [f"text_cfg.{k}={t[k]!r}" for k, ok in _UNSUPPORTED_TEXT.items() if t.get(k, ok) != ok]
     if isinstance(v.get("layers"), (list, tuple)):
         bad.append("vision_cfg.layers (a ResNet)")
+    activation, norm_eps, kwarg_bad = _text_kwargs(t, timm)
+    bad += kwarg_bad
     if bad:
         raise ValueError(f"{source} uses features cliptrain models do not have: {', '.join(bad)}; "
-                         "only open_clip's plain ViT CLIP configs (ViT-B-32, ViT-B-16, ViT-L-14, ...) import")
-    width = v.get("width", 768)
-    vision = VisionConfig(image_size=_size(v.get("image_size", 224)), patch_size=_size(v.get("patch_size", 16)),
-                          width=width, layers=v.get("layers", 12), heads=width // v.get("head_width", 64),
-                          mlp_ratio=v.get("mlp_ratio", 4.0), patch_dropout=v.get("patch_dropout", 0.0))
+                         "open_clip's ViT CLIP configs (ViT-B-32, ViT-B-16, ViT-L-14, ...) and timm-tower configs "
+                         "(SigLIP, ConvNeXt, EVA, MobileCLIP, ...) import")
+    if timm:
+        vision = _timm_vision(v, model_cfg["embed_dim"], source)
+    else:
+        width = v.get("width", 768)
+        vision = VisionConfig(image_size=_size(v.get("image_size", 224)), patch_size=_size(v.get("patch_size", 16)),
+                              width=width, layers=v.get("layers", 12), heads=width // v.get("head_width", 64),
+                              mlp_ratio=v.get("mlp_ratio", 4.0), patch_dropout=v.get("patch_dropout", 0.0))
     vocab = t.get("vocab_size", 49408)
     pool = t.get("pool_type", "argmax")
     if pool not in ("argmax", "eos", "last"):
@@ -73,8 +81,57 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
     extra = {}
     if model_cfg.get("init_logit_bias") is not None:
         extra["init_logit_bias"] = float(model_cfg["init_logit_bias"])
-    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text,
-                      activation="quick_gelu" if model_cfg.get("quick_gelu") else "gelu", **extra)
+    return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text, norm_eps=norm_eps,
+                      activation="quick_gelu" if model_cfg.get("quick_gelu") else activation, **extra)
+
+
+def _text_kwargs(t: dict, timm_vision: bool) -> tuple[str, float, list[str]]:
+    """(activation, LayerNorm eps, what cannot be represented) of text_cfg's act_kwargs / norm_kwargs. Our
+    activation and eps are the model's, so they may differ from the defaults only when the image tower is timm's."""
+    act, norm = t.get("act_kwargs") or {}, t.get("norm_kwargs") or {}
+    bad = []
+    if set(act) - {"approximate"} or act.get("approximate", "none") not in ("none", "tanh"):
+        bad.append(f"text_cfg.act_kwargs={act!r}")
+    if set(norm) - {"eps"}:
+        bad.append(f"text_cfg.norm_kwargs={norm!r}")
+    activation, eps = ("gelu_tanh" if act.get("approximate") == "tanh" else "gelu"), float(norm.get("eps", 1e-5))
+    if not timm_vision and (activation != "gelu" or eps != 1e-5):
+        bad.append("text_cfg.act_kwargs / norm_kwargs with open_clip's own ViT (its image tower keeps the defaults)")
+    return activation, eps, bad
+
+
+# open_clip's TimmModel defaults (CLIPVisionCfg): a missing key means these, an explicit null means no head
+_TIMM_DEFAULTS = {"timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False, "timm_drop": 0.0}
+
+
+def _timm_vision(v: dict, embed_dim: int, source: str) -> VisionConfig:
+    """Our timm tower for open_clip's TimmModel: the same trunk (timm's name, pool, classifier) and head.
+
+    open_clip's heads: `linear` (its `head.proj`, after the trunk's own pooling when timm_pool is ''), `none`
+    (the pooled features are the embedding), or none given (timm's classifier, sized embed_dim, is the head)."""
+    c = {**_TIMM_DEFAULTS, **v}
+    pool, proj = c["timm_pool"], c["timm_proj"]
+    bad = []
+    if pool in ("abs_attn", "rot_attn"):
+        bad.append(f"vision_cfg.timm_pool={pool!r} (open_clip's attention-pool heads)")
+    if proj == "mlp":
+        bad.append("vision_cfg.timm_proj='mlp' (open_clip's timm MLP head: hidden 2 x embed_dim, with biases)")
+    if c["timm_proj_bias"]:
+        bad.append("vision_cfg.timm_proj_bias=true")
+    if c["timm_drop"]:
+        bad.append(f"vision_cfg.timm_drop={c['timm_drop']!r}")
+    if bad:
+        raise ValueError(f"{source} uses features cliptrain models do not have: {', '.join(bad)}")
+    kwargs = {"drop_path_rate": c["timm_drop_path"]} if c.get("timm_drop_path") is not None else {}
+    if proj == "linear":           # trunk without classifier, pooled as timm_pool or (when '') as its default
+        head, pool = "linear", pool or None
+    elif proj == "none":           # trunk without classifier: the pooled features
+        head = "none"
+    else:                          # timm's classifier of embed_dim outputs is the projection
+        head, kwargs = "none", {**kwargs, "num_classes": embed_dim}
+    return VisionConfig(image_size=_size(v.get("image_size", 224)), timm_model=v["timm_model_name"],
+                        timm_pool=pool, timm_proj=head, timm_kwargs=kwargs,
+                        patch_dropout=v.get("patch_dropout", 0.0))
 
 
 def _coca_config(model_cfg: dict, source: str) -> CLIPConfig:
@@ -110,13 +167,21 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict:
     v, t = cfg.vision, cfg.text
     if cfg.multimodal is not None:
         raise ValueError("CoCa models do not export to open_clip (only import); export a CLIP model")
-    if cfg.activation == "gelu_tanh" or not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre:
-        raise ValueError("only CLIP-style ViT models (class token, ln_pre, gelu / quick_gelu) export to open_clip; "
-                         "this model has SigLIP features")
-    if cfg.norm_eps != 1e-5:
-        raise ValueError(f"open_clip's LayerNorm uses eps 1e-5; this model has norm_eps {cfg.norm_eps}")
-    if v.stem != "patch":
-        raise ValueError("open_clip's ViT embeds patches with one convolution; this model has vision.stem conv")
+    if t.is_hf:
+        raise ValueError("a Hugging Face text tower does not export to open_clip yet; export a model with "
+                         "cliptrain's own text tower")
+    if v.timm_model:
+        vision = _timm_to_open_clip(v, cfg.embed_dim)
+    else:
+        if cfg.activation == "gelu_tanh" or not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre:
+            raise ValueError("only CLIP-style ViT models (class token, ln_pre, gelu / quick_gelu) export to "
+                             "open_clip; this model has SigLIP features")
+        if cfg.norm_eps != 1e-5:
+            raise ValueError(f"open_clip's LayerNorm uses eps 1e-5; this model has norm_eps {cfg.norm_eps}")
+        if v.stem != "patch":
+            raise ValueError("open_clip's ViT embeds patches with one convolution; this model has vision.stem conv")
+        vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
+                  "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio}
     text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
             "layers": t.layers, "mlp_ratio": t.mlp_ratio, "pad_id": t.pad_token_id}
     if t.pool == "last":
@@ -127,14 +192,44 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict:
         text["no_causal_mask"] = True
     if t.proj_bias:
         text["proj_bias"] = True
+    if cfg.activation == "gelu_tanh":   # (a timm image tower: our activation is only the text tower's)
+        text["act_kwargs"] = {"approximate": "tanh"}
+    if cfg.norm_eps != 1e-5:
+        text["norm_kwargs"] = {"eps": cfg.norm_eps}
     out: dict[str, Any] = {"embed_dim": cfg.embed_dim}
     if cfg.activation == "quick_gelu":
         out["quick_gelu"] = True
     if cfg.init_logit_bias is not None:
         out["init_logit_bias"] = cfg.init_logit_bias
-    out["vision_cfg"] = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
-                         "patch_size": v.patch_size, "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio}
+    out["vision_cfg"] = vision
     out["text_cfg"] = text
+    return out
+
+
+def _timm_to_open_clip(v: VisionConfig, embed_dim: int) -> dict:
+    """open_clip's TimmModel settings for our timm tower (the inverse of `_timm_vision`)."""
+    kwargs = dict(v.timm_kwargs)
+    classifier = kwargs.pop("num_classes", 0)
+    drop_path = kwargs.pop("drop_path_rate", None)
+    if kwargs:
+        raise ValueError(f"open_clip's timm tower takes no timm arguments but drop_path_rate; this model has "
+                         f"vision.timm_kwargs {v.timm_kwargs}")
+    if v.timm_proj == "mlp":
+        raise ValueError("cliptrain's MLP head differs from open_clip's timm MLP head; use vision.timm_proj linear "
+                         "or none to export")
+    out: dict[str, Any] = {"timm_model_name": v.timm_model, "timm_model_pretrained": False,
+                           "image_size": v.image_size}
+    if v.timm_proj == "linear":
+        out.update(timm_pool=v.timm_pool or "", timm_proj="linear")
+    else:
+        if v.timm_pool is None:
+            raise ValueError("open_clip needs the timm pool named for a timm tower without a projection; set "
+                             "vision.timm_pool (e.g. avg, token, map)")
+        if classifier not in (0, embed_dim):
+            raise ValueError(f"vision.timm_kwargs.num_classes {classifier} must be embed_dim ({embed_dim}) or 0")
+        out.update(timm_pool=v.timm_pool, timm_proj=None if classifier else "none")
+    if drop_path is not None:
+        out["timm_drop_path"] = drop_path
     return out
 
 
@@ -186,6 +281,9 @@ def state_dict_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             continue
         if key == "text_projection.bias":
             out["text.text_projection_bias"] = value
+            continue
+        if key.startswith(("visual.trunk.", "visual.head.")):   # a timm image tower (open_clip's TimmModel)
+            out[key.replace("visual.head.proj.", "visual.proj.")] = value
             continue
         new = key.replace("visual.conv1.", "visual.patch_embed.")
         for theirs, ours in _BLOCK_RULES:
@@ -244,13 +342,16 @@ def _cross_attention(sd: dict[str, torch.Tensor], theirs: str, ours: str) -> dic
 
 def state_dict_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our key names -> open_clip's."""
-    out = {}
+    out, timm = {}, any(k.startswith("visual.trunk.") for k in sd)
     for key, value in sd.items():
         if key == "text.text_projection" and "text.text_projection_bias" in sd:
             out["text_projection.weight"] = value.t().contiguous()
             continue
         if key == "text.text_projection_bias":
             out["text_projection.bias"] = value
+            continue
+        if timm and key.startswith(("visual.trunk.", "visual.proj.")):
+            out[key.replace("visual.proj.", "visual.head.proj.")] = value   # a timm image tower
             continue
         new = key.replace("visual.patch_embed.", "visual.conv1.")
         for theirs, ours in _BLOCK_RULES:

@@ -1,0 +1,99 @@
+"""open_clip's model families beyond its own ViT: import and export with open_clip's embeddings.
+
+Each case takes a family's real open_clip config (from open_clip's own model_configs), swaps its timm trunk for
+the family's tiniest timm model and shrinks the text tower, builds open_clip's model with random weights, imports
+it (open_clip_config.json + weights, as open_clip writes them), compares both towers, then exports ours and
+compares again with what open_clip builds from the export. open_clip is optional: the tests skip without it.
+"""
+import copy
+import json
+
+import pytest
+import torch
+
+from cliptrain.checkpoint.convert import export_open_clip, import_pretrained
+from cliptrain.checkpoint.convert import open_clip as oc_format
+
+TOL = 1e-5
+TEXT = {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 2, "layers": 2}
+# family (an open_clip config name) -> its tiny timm stand-in; what each case exercises:
+FAMILIES = {
+    "ViT-B-16-SigLIP": "vit_tiny_patch16_224",      # map pool, no head; text: last token, no mask, proj bias, eps 1e-6
+    "ViT-B-32-SigLIP2-256": "vit_tiny_patch16_224",  # the same with tanh GELU
+    "convnext_base": "convnext_atto",               # the trunk's own pooling, linear head
+    "EVA02-B-16": "eva02_tiny_patch14_224",         # token pool, timm's classifier as the head
+    "MobileCLIP-S1": "fastvit_t8",                  # avg pool, classifier head; text without causal mask
+}
+SLOW = {"ViTamin-S": "vitamin_small_224", "PE-Core-T-16-384": "vit_pe_core_tiny_patch16_384"}
+
+
+def tiny_family_config(name: str, trunk: str) -> dict:
+    from open_clip.factory import _MODEL_CONFIGS
+    cfg = copy.deepcopy(_MODEL_CONFIGS[name])
+    v = cfg["vision_cfg"]
+    v.update(timm_model_name=trunk, image_size=384 if trunk.endswith("384") else 224)
+    cfg["text_cfg"] = {**{k: x for k, x in cfg["text_cfg"].items() if not k.startswith(("hf_", "tokenizer_"))},
+                       **TEXT}
+    import timm
+    width = timm.create_model(trunk, num_classes=0).num_features
+    cfg["embed_dim"] = width if v.get("timm_proj", "linear") == "none" else 32  # no head: the trunk's width
+    return cfg
+
+
+def inputs(size: int):
+    torch.manual_seed(1)
+    texts = torch.randint(1, TEXT["vocab_size"] - 2, (2, TEXT["context_length"]))
+    texts[0, 5], texts[0, 6:] = 99, 0
+    texts[1, 15] = 99
+    return torch.randn(2, 3, size, size), texts
+
+
+def compare(theirs, ours, size):
+    images, texts = inputs(size)
+    with torch.no_grad():
+        for a, b in ((theirs.encode_image(images), ours.encode_image(images, normalize=False)),
+                     (theirs.encode_text(texts), ours.encode_text(texts, normalize=False))):
+            assert a.shape == b.shape and (a - b).abs().max().item() <= TOL, (a - b).abs().max().item()
+        assert float(theirs.logit_scale) == pytest.approx(float(ours.logit_scale))
+        if getattr(theirs, "logit_bias", None) is not None:
+            assert float(theirs.logit_bias) == pytest.approx(float(ours.logit_bias))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW])
+def test_a_timm_tower_family_imports_and_exports_with_open_clips_embeddings(tmp_path, family):
+    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch not installed (optional)")
+    pytest.importorskip("timm", reason="timm not installed (optional)")
+    cfg = tiny_family_config(family, {**FAMILIES, **SLOW}[family])
+    torch.manual_seed(0)
+    cls = open_clip.model.CustomTextCLIP if cfg.get("custom_text") else open_clip.model.CLIP
+    extra = {k: cfg[k] for k in ("init_logit_bias", "quick_gelu") if k in cfg}
+    theirs = cls(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], **extra).eval()
+    (tmp_path / oc_format.CONFIG_FILE).write_text(json.dumps({"model_cfg": cfg}))
+    torch.save(theirs.state_dict(), tmp_path / oc_format.WEIGHTS_FILE)
+    imported = import_pretrained(tmp_path)
+    assert imported.config.vision.timm_model == cfg["vision_cfg"]["timm_model_name"]
+    ours = imported.model()
+    size = cfg["vision_cfg"]["image_size"]
+    compare(theirs, ours, size)
+
+    out = export_open_clip(ours, None, imported.preprocess, tmp_path / "export", "cliptrain-family")
+    back = open_clip.create_model(f"local-dir:{out}").eval()
+    compare(back, ours, size)
+
+
+def test_families_cliptrain_cannot_represent_are_refused_with_the_reason():
+    base = {"embed_dim": 32, "text_cfg": TEXT}
+    cases = {
+        "vision_cfg.timm_proj='mlp' (open_clip's timm MLP head": {"timm_model_name": "convnext_atto",
+                                                                   "timm_proj": "mlp", "timm_pool": ""},
+        "vision_cfg.timm_pool='abs_attn' (open_clip's attention-pool heads)": {"timm_model_name": "resnet18",
+                                                                                "timm_pool": "abs_attn"},
+        "vision_cfg.layers (a ResNet)": {"layers": [3, 4, 6, 3], "width": 64, "image_size": 224},
+    }
+    for message, vision in cases.items():
+        with pytest.raises(ValueError) as info:
+            oc_format.config_from_open_clip({**base, "vision_cfg": vision})
+        assert message in str(info.value)
+    with pytest.raises(ValueError, match=r"act_kwargs / norm_kwargs with open_clip's own ViT"):
+        oc_format.config_from_open_clip({**base, "vision_cfg": {"image_size": 32, "patch_size": 8},
+                                          "text_cfg": {**TEXT, "norm_kwargs": {"eps": 1e-6}}})
