@@ -97,3 +97,52 @@ def test_families_cliptrain_cannot_represent_are_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"act_kwargs / norm_kwargs with open_clip's own ViT"):
         oc_format.config_from_open_clip({**base, "vision_cfg": {"image_size": 32, "patch_size": 8},
                                           "text_cfg": {**TEXT, "norm_kwargs": {"eps": 1e-6}}})
+
+
+def tiny_hf_dir(folder, kind: str):
+    """A tiny random Hugging Face text model's config directory: BERT (its pooler), RoBERTa (mean, pad id 1) or
+    NLLB's M2M100 (an encoder-decoder: open_clip takes the encoder)."""
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (optional)")
+    shape = {"vocab_size": TEXT["vocab_size"], "max_position_embeddings": 40}
+    config = {
+        "bert": lambda: transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=64, **shape),
+        "roberta": lambda: transformers.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                      intermediate_size=64, pad_token_id=1, **shape),
+        "m2m_100": lambda: transformers.M2M100Config(d_model=32, encoder_layers=2, decoder_layers=1,
+                                                     encoder_attention_heads=2, decoder_attention_heads=2,
+                                                     encoder_ffn_dim=64, decoder_ffn_dim=64, **shape),
+    }[kind]()
+    config.save_pretrained(folder)
+    return folder
+
+
+HF_CASES = {"bert": ("cls_pooler", "linear"), "roberta": ("mean_pooler", "mlp"),
+            "m2m_100": ("cls_last_hidden_state_pooler", "linear")}
+
+
+@pytest.mark.parametrize("kind", list(HF_CASES))
+def test_a_hugging_face_text_tower_imports_and_exports_with_open_clips_embeddings(tmp_path, kind):
+    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch not installed (optional)")
+    folder = tiny_hf_dir(tmp_path / kind, kind)
+    pooler, proj = HF_CASES[kind]
+    cfg = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                           "head_width": 16},
+           "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_model_pretrained": False,
+                        "hf_pooler_type": pooler, "hf_proj_type": proj, "context_length": TEXT["context_length"]}}
+    torch.manual_seed(0)
+    theirs = open_clip.model.CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).eval()
+    (tmp_path / "oc").mkdir()
+    (tmp_path / "oc" / oc_format.CONFIG_FILE).write_text(json.dumps({"model_cfg": cfg}))
+    torch.save(theirs.state_dict(), tmp_path / "oc" / oc_format.WEIGHTS_FILE)
+    imported = import_pretrained(tmp_path / "oc")
+    t = imported.config.text
+    assert t.is_hf and t.hf_pooling == {"cls_pooler": "pooler", "mean_pooler": "mean"}.get(pooler, "cls")
+    ours = imported.model()
+    compare(theirs, ours, 32)
+
+    folder.rename(tmp_path / "moved")  # the export writes the tower's config for open_clip (export/hf_text)
+    out = export_open_clip(ours, None, imported.preprocess, tmp_path / "export", "cliptrain-hf-text")
+    assert (out / "hf_text" / "config.json").is_file()
+    back = open_clip.create_model(f"local-dir:{out}").eval()
+    compare(back, ours, 32)

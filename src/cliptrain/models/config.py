@@ -73,7 +73,8 @@ class TextConfig:
     pad_token_id: int = 0                # Hugging Face tower: the attention mask is texts != pad_token_id
     eot_token_id: int = 49407            # features are pooled at the first end-of-text token
     hf_model: str | None = None          # a local Hugging Face model directory (config.json, weights, tokenizer)
-    hf_pooling: Literal["mean", "cls"] = "mean"  # mean over unpadded tokens, or the first token's state
+    hf_pooling: Literal["mean", "cls", "pooler"] = "mean"  # mean over unpadded tokens, the first token's state, or
+                                         # the model's own pooler output (BERT: dense + tanh of the first token)
     hf_proj: Projection = "linear"       # head from the hidden size to embed_dim; none: dims must match
     hf_config: dict = field(default_factory=dict)  # its config.json, filled in when built: checkpoints need no directory
 

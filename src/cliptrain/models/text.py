@@ -156,8 +156,9 @@ _HF_CONFIG_SOURCE_KEYS = ("_name_or_path", "transformers_version")
 
 
 class HFTextTower(AdapterTower):
-    """A Hugging Face encoder (`trunk`; AutoModel, its pooler removed), mean- or first-token-pooled, and a
-    projection head (`proj`). Padding (ids equal to `cfg.pad_token_id`) is masked out of attention and pooling."""
+    """A Hugging Face encoder (`trunk`; AutoModel, or the encoder of an encoder-decoder such as NLLB), pooled by
+    mean, first token or its own pooler (kept only then), and a projection head (`proj`). Padding (ids equal to
+    `cfg.pad_token_id`) is masked out of attention and pooling."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int, pretrained: bool = True):
         super().__init__()
@@ -176,8 +177,12 @@ class HFTextTower(AdapterTower):
             raise ValueError(f"texts have {texts.shape[1]} tokens but the model's context length is "
                              f"{self.cfg.context_length}")
         mask = (texts != self.cfg.pad_token_id).long()
-        hidden = self.trunk(input_ids=texts, attention_mask=mask).last_hidden_state
-        if self.cfg.hf_pooling == "cls":
+        out = self.trunk(input_ids=texts, attention_mask=mask)
+        hidden = out.last_hidden_state
+        pooler = getattr(out, "pooler_output", None) if self.cfg.hf_pooling == "pooler" else None
+        if pooler is not None:
+            pooled = pooler
+        elif self.cfg.hf_pooling in ("cls", "pooler"):  # (a model without a pooler: its first token, as open_clip)
             pooled = hidden[:, 0]
         else:
             weights = mask.unsqueeze(-1).to(hidden.dtype)
@@ -239,7 +244,8 @@ class HFTextTower(AdapterTower):
 
 
 def _create_hf(cfg: TextConfig, pretrained: bool) -> nn.Module:
-    """The AutoModel of cfg.hf_config (random weights) or of the directory cfg.hf_model, without its pooler."""
+    """The AutoModel of cfg.hf_config (random weights) or of the directory cfg.hf_model, without its pooler unless
+    it pools (hf_pooling pooler); of an encoder-decoder, the encoder."""
     transformers = import_optional("transformers", "hf")
     if cfg.hf_config:
         config = transformers.AutoConfig.for_model(**cfg.hf_config)
@@ -253,6 +259,8 @@ def _create_hf(cfg: TextConfig, pretrained: bool) -> nn.Module:
             model = transformers.AutoModel.from_pretrained(path)
         else:
             model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(path))
-    if getattr(model, "pooler", None) is not None:  # unused (we pool ourselves): it would get no gradient
+    if getattr(model.config, "is_encoder_decoder", False):
+        model = model.get_encoder()
+    if getattr(model, "pooler", None) is not None and cfg.hf_pooling != "pooler":  # unused: it would get no gradient
         model.pooler = None
     return model.float()

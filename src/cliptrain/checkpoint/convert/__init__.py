@@ -274,7 +274,7 @@ def export_open_clip(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: s
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model_cfg = open_clip.config_to_open_clip(model.cfg)
+    model_cfg = open_clip.config_to_open_clip(model.cfg, _hf_text_dir(model, out))
     pre = {"size": preprocess.image_size, "mean": list(preprocess.mean), "std": list(preprocess.std),
            "interpolation": preprocess.interpolation, "resize_mode": preprocess.resize_mode}
     (out / open_clip.CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}, indent=1))
@@ -284,6 +284,19 @@ def export_open_clip(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: s
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_FILE)
     return out
+
+
+def _hf_text_dir(model: CLIP, out: Path) -> Path | None:
+    """For a Hugging Face text tower, the model directory open_clip reads its config from: the tower's own
+    (text.hf_model) when it exists here, else `out/hf_text` with its config.json written (None: no such tower)."""
+    t = model.cfg.text
+    if not t.is_hf:
+        return None
+    if t.hf_model and (Path(t.hf_model) / "config.json").is_file():
+        return Path(t.hf_model).resolve()
+    folder = out / "hf_text"
+    model.text.trunk.config.save_pretrained(folder)
+    return folder.resolve()
 
 
 def export_hf(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: str | Path) -> Path:

@@ -39,7 +39,7 @@ _BLOCK_RULES = [("transformer.resblocks.", "transformer.blocks."), (".attn.in_pr
 _UNSUPPORTED_VISION = {"timm_model_name": None, "attentional_pool": False, "ls_init_value": None,
                        "no_ln_pre": False, "final_ln_after_pool": False, "pool_type": "tok",
                        "pos_embed_type": "learnable", "input_patchnorm": False, "output_tokens": False}
-_UNSUPPORTED_TEXT = {"hf_model_name": None, "embed_cls": False, "ls_init_value": None, "final_ln_after_pool": False,
+_UNSUPPORTED_TEXT = {"embed_cls": False, "ls_init_value": None, "final_ln_after_pool": False,
                      "proj_type": "linear", "output_tokens": False}
 
 
@@ -58,10 +58,12 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
         bad.append("vision_cfg.layers (a ResNet)")
     activation, norm_eps, kwarg_bad = _text_kwargs(t, timm)
     bad += kwarg_bad
+    if t.get("hf_model_name"):
+        bad = [b for b in bad if not b.startswith("text_cfg.act_kwargs / norm_kwargs")]  # (our tower ignores them)
     if bad:
         raise ValueError(f"{source} uses features cliptrain models do not have: {', '.join(bad)}; "
-                         "open_clip's ViT CLIP configs (ViT-B-32, ViT-B-16, ViT-L-14, ...) and timm-tower configs "
-                         "(SigLIP, ConvNeXt, EVA, MobileCLIP, ...) import")
+                         "open_clip's ViT CLIP configs (ViT-B-32, ViT-B-16, ViT-L-14, ...), timm-tower configs "
+                         "(SigLIP, ConvNeXt, EVA, MobileCLIP, ...) and Hugging Face text towers import")
     if timm:
         vision = _timm_vision(v, model_cfg["embed_dim"], source)
     else:
@@ -69,6 +71,12 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
         vision = VisionConfig(image_size=_size(v.get("image_size", 224)), patch_size=_size(v.get("patch_size", 16)),
                               width=width, layers=v.get("layers", 12), heads=width // v.get("head_width", 64),
                               mlp_ratio=v.get("mlp_ratio", 4.0), patch_dropout=v.get("patch_dropout", 0.0))
+    if t.get("hf_model_name"):
+        text = _hf_text(t, model_cfg["embed_dim"], source)
+        return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text,
+                          activation="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+                          **({"init_logit_bias": float(model_cfg["init_logit_bias"])}
+                             if model_cfg.get("init_logit_bias") is not None else {}))
     vocab = t.get("vocab_size", 49408)
     pool = t.get("pool_type", "argmax")
     if pool not in ("argmax", "eos", "last"):
@@ -98,6 +106,39 @@ def _text_kwargs(t: dict, timm_vision: bool) -> tuple[str, float, list[str]]:
     if not timm_vision and (activation != "gelu" or eps != 1e-5):
         bad.append("text_cfg.act_kwargs / norm_kwargs with open_clip's own ViT (its image tower keeps the defaults)")
     return activation, eps, bad
+
+
+# open_clip's HFTextEncoder poolers -> ours; and each model type's default pooler (open_clip's hf_configs)
+_HF_POOLERS = {"mean_pooler": "mean", "cls_pooler": "pooler", "cls_last_hidden_state_pooler": "cls"}
+_HF_DEFAULT_POOLER = {"roberta": "mean_pooler", "xlm-roberta": "mean_pooler", "mt5": "mean_pooler",
+                      "bert": "cls_pooler", "m2m_100": "cls_pooler"}
+
+
+def _hf_text(t: dict, embed_dim: int, source: str) -> TextConfig:
+    """Our Hugging Face text tower for open_clip's HFTextEncoder: the same model (its config from hf_model_name: a
+    local directory, or transformers' cache), pooler and projection."""
+    name = t["hf_model_name"]
+    try:
+        from transformers import AutoConfig
+        hf = AutoConfig.from_pretrained(name)
+    except (ImportError, OSError, ValueError) as exc:
+        raise ValueError(f"{source}: its text tower is the Hugging Face model {name!r}, whose config.json is not "
+                         f"here ({type(exc).__name__}); save it with AutoConfig.from_pretrained({name!r})"
+                         f".save_pretrained(DIR) on a machine with access and set text_cfg.hf_model_name to DIR") from exc
+    pooler = t.get("hf_pooler_type") or _HF_DEFAULT_POOLER.get(hf.model_type)
+    if pooler not in _HF_POOLERS:
+        raise ValueError(f"{source}: text_cfg.hf_pooler_type {pooler!r} is not supported "
+                         f"({', '.join(_HF_POOLERS)})")
+    proj = t.get("hf_proj_type")
+    if proj is None:               # open_clip: no head only when the widths agree
+        proj = "none"
+    if proj not in ("linear", "mlp", "none"):
+        raise ValueError(f"{source}: text_cfg.hf_proj_type {proj!r} is not supported (linear, mlp)")
+    config = {k: v for k, v in hf.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    local = Path(name).is_dir()
+    return TextConfig(context_length=t.get("context_length", 77), pad_token_id=hf.pad_token_id or 0,
+                      hf_model=str(name) if local else None, hf_config=config, hf_pooling=_HF_POOLERS[pooler],
+                      hf_proj=proj)
 
 
 # open_clip's TimmModel defaults (CLIPVisionCfg): a missing key means these, an explicit null means no head
@@ -162,14 +203,12 @@ def _coca_config(model_cfg: dict, source: str) -> CLIPConfig:
     return replace(clip, text=replace(clip.text, cls_token=bool(cls)), multimodal=mm)
 
 
-def config_to_open_clip(cfg: CLIPConfig) -> dict:
-    """The open_clip model config that builds the same network as `cfg`."""
+def config_to_open_clip(cfg: CLIPConfig, hf_dir: Path | None = None) -> dict:
+    """The open_clip model config that builds the same network as `cfg`; a Hugging Face text tower is named by its
+    model directory (`hf_dir`, or the tower's own text.hf_model)."""
     v, t = cfg.vision, cfg.text
     if cfg.multimodal is not None:
         raise ValueError("CoCa models do not export to open_clip (only import); export a CLIP model")
-    if t.is_hf:
-        raise ValueError("a Hugging Face text tower does not export to open_clip yet; export a model with "
-                         "cliptrain's own text tower")
     if v.timm_model:
         vision = _timm_to_open_clip(v, cfg.embed_dim)
     else:
@@ -182,6 +221,8 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict:
             raise ValueError("open_clip's ViT embeds patches with one convolution; this model has vision.stem conv")
         vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
                   "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio}
+    if t.is_hf:
+        return _hf_to_open_clip(cfg, vision, hf_dir)
     text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
             "layers": t.layers, "mlp_ratio": t.mlp_ratio, "pad_id": t.pad_token_id}
     if t.pool == "last":
@@ -203,6 +244,24 @@ def config_to_open_clip(cfg: CLIPConfig) -> dict:
         out["init_logit_bias"] = cfg.init_logit_bias
     out["vision_cfg"] = vision
     out["text_cfg"] = text
+    return out
+
+
+def _hf_to_open_clip(cfg: CLIPConfig, vision: dict, hf_dir: Path | None) -> dict:
+    """open_clip's HFTextEncoder settings for our Hugging Face text tower (the inverse of `_hf_text`)."""
+    t = cfg.text
+    name = str(hf_dir) if hf_dir is not None else t.hf_model
+    if not name:
+        raise ValueError("a Hugging Face text tower exports with its model directory (text.hf_model, or hf_dir)")
+    pooler = {ours: theirs for theirs, ours in _HF_POOLERS.items()}[t.hf_pooling]
+    text = {"hf_model_name": name, "hf_tokenizer_name": name, "hf_model_pretrained": False,
+            "hf_pooler_type": pooler, "hf_proj_type": None if t.hf_proj == "none" else t.hf_proj,
+            "context_length": t.context_length}
+    out: dict[str, Any] = {"embed_dim": cfg.embed_dim, "custom_text": True, "vision_cfg": vision, "text_cfg": text}
+    if cfg.activation == "quick_gelu":
+        out["quick_gelu"] = True
+    if cfg.init_logit_bias is not None:
+        out["init_logit_bias"] = cfg.init_logit_bias
     return out
 
 
@@ -267,7 +326,11 @@ def _size(value) -> int:
 def state_dict_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """open_clip / OpenAI key names and shapes -> ours (CoCa's too)."""
     out = _coca_state_dict(sd)
+    hf = "text.token_embedding.weight" not in sd and any(k.startswith("text.transformer.") for k in sd)
     for key, value in sd.items():
+        if hf and key.startswith(("text.transformer.", "text.proj.")):  # open_clip's HFTextEncoder
+            out[key.replace("text.transformer.", "text.trunk.", 1)] = value
+            continue
         if key in OPENAI_EXTRA_KEYS or key == "attn_mask" or key.endswith(".attn_mask") or key.startswith(
                 _COCA_PREFIXES):
             continue
@@ -349,6 +412,9 @@ def state_dict_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             continue
         if key == "text.text_projection_bias":
             out["text_projection.bias"] = value
+            continue
+        if key.startswith(("text.trunk.", "text.proj.")):                 # a Hugging Face text tower
+            out[key.replace("text.trunk.", "text.transformer.", 1)] = value
             continue
         if timm and key.startswith(("visual.trunk.", "visual.proj.")):
             out[key.replace("visual.proj.", "visual.head.proj.")] = value   # a timm image tower
