@@ -88,7 +88,6 @@ def test_families_cliptrain_cannot_represent_are_refused_with_the_reason():
                                                                    "timm_proj": "mlp", "timm_pool": ""},
         "vision_cfg.timm_pool='abs_attn' (open_clip's attention-pool heads)": {"timm_model_name": "resnet18",
                                                                                 "timm_pool": "abs_attn"},
-        "vision_cfg.layers (a ResNet)": {"layers": [3, 4, 6, 3], "width": 64, "image_size": 224},
     }
     for message, vision in cases.items():
         with pytest.raises(ValueError) as info:
@@ -146,3 +145,35 @@ def test_a_hugging_face_text_tower_imports_and_exports_with_open_clips_embedding
     assert (out / "hf_text" / "config.json").is_file()
     back = open_clip.create_model(f"local-dir:{out}").eval()
     compare(back, ours, 32)
+
+
+def test_a_modified_resnet_imports_and_exports_with_open_clips_embeddings_and_from_the_openai_layout(tmp_path):
+    # RN50's config shrunk (one block per stage, stem width 8, 64 px); batch-norm statistics randomised, so the
+    # running means and variances must travel too.
+    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch not installed (optional)")
+    from open_clip.factory import _MODEL_CONFIGS
+    cfg = copy.deepcopy(_MODEL_CONFIGS["RN50"])
+    cfg.update(embed_dim=24, text_cfg={**TEXT, "heads": 1})  # (heads = width / 64, as OpenAI's layout reads it)
+    cfg["vision_cfg"].update(layers=[1, 2, 1, 1], width=8, image_size=64)
+    torch.manual_seed(0)
+    theirs = open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=True).eval()
+    for m in theirs.visual.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5), m.weight.data.normal_(1, 0.1)
+    (tmp_path / oc_format.CONFIG_FILE).write_text(json.dumps({"model_cfg": {**cfg, "quick_gelu": True}}))
+    torch.save(theirs.state_dict(), tmp_path / oc_format.WEIGHTS_FILE)
+    imported = import_pretrained(tmp_path)
+    assert imported.config.vision.resnet_layers == (1, 2, 1, 1) and imported.config.vision.heads == 4
+    ours = imported.model()
+    compare(theirs, ours, 64)
+    out = export_open_clip(ours, None, imported.preprocess, tmp_path / "export", "cliptrain-rn")
+    compare(open_clip.create_model(f"local-dir:{out}").eval(), ours, 64)
+
+    # OpenAI's RN50.pt layout: the architecture read from the shapes (QuickGELU, heads = 32 x width / 64)
+    sd = {**theirs.state_dict(), "input_resolution": torch.tensor(64), "context_length": torch.tensor(16),
+          "vocab_size": torch.tensor(100)}
+    (tmp_path / "openai").mkdir()
+    torch.save(sd, tmp_path / "openai" / "RN-tiny.pt")
+    openai = import_pretrained(tmp_path / "openai" / "RN-tiny.pt")
+    assert openai.source == "OpenAI CLIP" and openai.config.vision.resnet_layers == (1, 2, 1, 1)
+    compare(theirs, openai.model(), 64)

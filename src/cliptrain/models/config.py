@@ -38,6 +38,8 @@ class VisionConfig:
     proj: bool = True                    # project the pooled features to embed_dim; false (Hugging Face SigLIP): none,
                                          # the width is the embedding size
     stem: Literal["patch", "conv"] = "patch"  # patchify conv, or 3x3 stride-2 convs + GELU (Xiao et al. 2021)
+    resnet_layers: tuple[int, ...] | None = None  # CLIP's ModifiedResNet (RN50: [3, 4, 6, 3]) with stem width
+                                         # `width` and `heads` attention-pool heads, instead of a ViT
 
     def __post_init__(self):
         if not 0 <= self.patch_dropout < 1:
@@ -45,6 +47,13 @@ class VisionConfig:
         if self.image_size < 1:
             raise ConfigError(f"vision.image_size must be >= 1, got {self.image_size}")
         if self.timm_model:
+            return
+        if self.resnet_layers is not None:
+            if len(self.resnet_layers) != 4 or min(self.resnet_layers) < 1:
+                raise ConfigError(f"vision.resnet_layers needs 4 stages of >= 1 blocks, got {self.resnet_layers}")
+            if self.image_size % 32 or (self.width * 32) % self.heads:
+                raise ConfigError(f"a ResNet tower needs vision.image_size a multiple of 32 ({self.image_size}) and "
+                                  f"vision.heads dividing 32 x width ({self.width * 32})")
             return
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision.image_size ({self.image_size}) must be a multiple of "

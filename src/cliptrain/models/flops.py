@@ -29,8 +29,9 @@ def forward_flops(cfg: CLIPConfig, pooled_last_block: bool = True) -> float:
     `pooled_last_block`: count the towers' last blocks as cliptrain computes them (the pooled position
     alone, where only it is used); false: every position, as a plain implementation does."""
     v, t = cfg.vision, cfg.text
-    if v.timm_model or t.is_hf:
-        raise ValueError("FLOP counts cover cliptrain's own ViT and text transformer, not timm / Hugging Face towers")
+    if v.timm_model or t.is_hf or v.resnet_layers is not None:
+        raise ValueError("FLOP counts cover cliptrain's own ViT and text transformer, not ResNet, timm or Hugging "
+                         "Face towers")
     coca = cfg.multimodal is not None   # the caption decoder reads every position of both towers
     patches = (v.image_size // v.patch_size) ** 2
     tokens = patches + int(v.class_token)

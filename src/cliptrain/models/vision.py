@@ -17,6 +17,9 @@ def image_tower(cfg: VisionConfig, embed_dim: int, activation: str, pretrained: 
     """The image tower `cfg` describes (`pretrained`: load timm's weights where `cfg` asks for them)."""
     if cfg.timm_model:
         return TimmVisionTower(cfg, embed_dim, pretrained)
+    if cfg.resnet_layers is not None:
+        from cliptrain.models.resnet import ModifiedResNet
+        return ModifiedResNet(cfg, embed_dim)
     return VisionTransformer(cfg, embed_dim, activation, norm_eps)
 
 

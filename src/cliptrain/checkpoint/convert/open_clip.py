@@ -54,8 +54,6 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
     vision_rules = {k: ok for k, ok in _UNSUPPORTED_VISION.items() if not (timm and k == "timm_model_name")}
     bad = [f"vision_cfg.{k}={v[k]!r}" for k, ok in vision_rules.items() if v.get(k, ok) != ok]
     bad += [f"text_cfg.{k}={t[k]!r}" for k, ok in _UNSUPPORTED_TEXT.items() if t.get(k, ok) != ok]
-    if isinstance(v.get("layers"), (list, tuple)):
-        bad.append("vision_cfg.layers (a ResNet)")
     activation, norm_eps, kwarg_bad = _text_kwargs(t, timm)
     bad += kwarg_bad
     if t.get("hf_model_name"):
@@ -66,6 +64,10 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
                          "(SigLIP, ConvNeXt, EVA, MobileCLIP, ...) and Hugging Face text towers import")
     if timm:
         vision = _timm_vision(v, model_cfg["embed_dim"], source)
+    elif isinstance(v.get("layers"), (list, tuple)):   # CLIP's ModifiedResNet (RN50, RN101, RN50x4, ...)
+        width = v.get("width", 64)
+        vision = VisionConfig(image_size=_size(v.get("image_size", 224)), width=width,
+                              heads=width * 32 // v.get("head_width", 64), resnet_layers=tuple(v["layers"]))
     else:
         width = v.get("width", 768)
         vision = VisionConfig(image_size=_size(v.get("image_size", 224)), patch_size=_size(v.get("patch_size", 16)),
@@ -211,6 +213,9 @@ def config_to_open_clip(cfg: CLIPConfig, hf_dir: Path | None = None) -> dict:
         raise ValueError("CoCa models do not export to open_clip (only import); export a CLIP model")
     if v.timm_model:
         vision = _timm_to_open_clip(v, cfg.embed_dim)
+    elif v.resnet_layers is not None:
+        vision = {"image_size": v.image_size, "layers": list(v.resnet_layers), "width": v.width,
+                  "head_width": v.width * 32 // v.heads, "patch_size": None}
     else:
         if cfg.activation == "gelu_tanh" or not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre:
             raise ValueError("only CLIP-style ViT models (class token, ln_pre, gelu / quick_gelu) export to "
@@ -296,21 +301,33 @@ def config_from_openai_state_dict(sd: dict[str, torch.Tensor]) -> CLIPConfig:
     """The architecture of an OpenAI-layout ViT state dict, read from its shapes (heads = width / 64, as
     OpenAI's `build_model`); OpenAI models use QuickGELU."""
     if "visual.conv1.weight" not in sd:
-        raise ValueError("not a ViT CLIP state dict (no visual.conv1.weight); ResNet CLIP models do not import")
+        raise ValueError("not a CLIP state dict (no visual.conv1.weight)")
+    if "visual.layer1.0.conv1.weight" in sd:   # RN50, RN101, RN50x4, ...: the ResNet's shapes
+        width = sd["visual.bn3.weight"].shape[0]
+        layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{i}.")}) for i in range(1, 5))
+        grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = VisionConfig(image_size=32 * grid, width=width, heads=width * 32 // 64, resnet_layers=layers)
+        return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=_openai_text(sd),
+                          activation="quick_gelu")
     width = sd["visual.conv1.weight"].shape[0]
     patch = sd["visual.conv1.weight"].shape[-1]
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
-    text_width = sd["ln_final.weight"].shape[0]
-    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
-    vocab = sd["token_embedding.weight"].shape[0]
     mlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width
     vision = VisionConfig(image_size=patch * grid, patch_size=patch, width=width, layers=layers,
                           heads=width // 64, mlp_ratio=mlp)
-    text = TextConfig(vocab_size=vocab, context_length=sd["positional_embedding"].shape[0], width=text_width,
+    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=_openai_text(sd),
+                      activation="quick_gelu")
+
+
+def _openai_text(sd: dict[str, torch.Tensor]) -> TextConfig:
+    """The text tower of an OpenAI-layout state dict, from its shapes (heads = width / 64)."""
+    text_width = sd["ln_final.weight"].shape[0]
+    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    vocab = sd["token_embedding.weight"].shape[0]
+    return TextConfig(vocab_size=vocab, context_length=sd["positional_embedding"].shape[0], width=text_width,
                       layers=text_layers, heads=text_width // 64, eot_token_id=vocab - 1,
                       mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width)
-    return CLIPConfig(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text, activation="quick_gelu")
 
 
 def _size(value) -> int:
@@ -327,6 +344,7 @@ def state_dict_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
     """open_clip / OpenAI key names and shapes -> ours (CoCa's too)."""
     out = _coca_state_dict(sd)
     hf = "text.token_embedding.weight" not in sd and any(k.startswith("text.transformer.") for k in sd)
+    resnet = "visual.layer1.0.conv1.weight" in sd
     for key, value in sd.items():
         if hf and key.startswith(("text.transformer.", "text.proj.")):  # open_clip's HFTextEncoder
             out[key.replace("text.transformer.", "text.trunk.", 1)] = value
@@ -347,6 +365,9 @@ def state_dict_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             continue
         if key.startswith(("visual.trunk.", "visual.head.")):   # a timm image tower (open_clip's TimmModel)
             out[key.replace("visual.head.proj.", "visual.proj.")] = value
+            continue
+        if resnet and key.startswith("visual."):                # ModifiedResNet: the same names
+            out[key] = value
             continue
         new = key.replace("visual.conv1.", "visual.patch_embed.")
         for theirs, ours in _BLOCK_RULES:
