@@ -177,3 +177,43 @@ def test_a_modified_resnet_imports_and_exports_with_open_clips_embeddings_and_fr
     openai = import_pretrained(tmp_path / "openai" / "RN-tiny.pt")
     assert openai.source == "OpenAI CLIP" and openai.config.vision.resnet_layers == (1, 2, 1, 1)
     compare(theirs, openai.model(), 64)
+
+
+def test_clipa_imports_and_exports_with_open_clips_embeddings(tmp_path):
+    # CLIPA's ViT: no norm before the blocks, the patch tokens' mean normed after pooling; text pooled at the
+    # last position without a causal mask.
+    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch not installed (optional)")
+    from open_clip.factory import _MODEL_CONFIGS
+    cfg = copy.deepcopy(_MODEL_CONFIGS["ViT-L-14-CLIPA"])
+    cfg["vision_cfg"].update(image_size=32, layers=2, width=64, patch_size=8, head_width=32)
+    cfg.update(embed_dim=24, text_cfg={**{k: v for k, v in cfg["text_cfg"].items() if not k.startswith(("hf_", "tok"))},
+                                       **TEXT})
+    torch.manual_seed(0)
+    theirs = open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).eval()
+    (tmp_path / oc_format.CONFIG_FILE).write_text(json.dumps({"model_cfg": cfg}))
+    torch.save(theirs.state_dict(), tmp_path / oc_format.WEIGHTS_FILE)
+    imported = import_pretrained(tmp_path)
+    assert (imported.config.vision.pool, imported.config.vision.ln_pre) == ("avg", False)
+    ours = imported.model()
+    compare(theirs, ours, 32)
+    out = export_open_clip(ours, None, imported.preprocess, tmp_path / "export", "cliptrain-clipa")
+    compare(open_clip.create_model(f"local-dir:{out}").eval(), ours, 32)
+
+
+def test_models_foreign_lists_every_family_with_its_status(capsys):
+    open_clip = pytest.importorskip("open_clip", reason="open_clip_torch not installed (optional)")
+    from cliptrain.app.cli import main
+    from cliptrain.checkpoint.convert.families import FAMILIES
+    assert main(["models", "--foreign"]) == 0
+    out = capsys.readouterr().out
+    pairs = len(open_clip.list_pretrained())
+    first = out.splitlines()[0]
+    imported = int(first.split(": ")[1].split(" of ")[0])
+    assert f"of its {pairs} pretrained" in first and imported >= 190  # (3.3.0: 192 of 196; was 89 before the families)
+    import re
+    rows = [re.match(r"\s*(\d+) of\s+(\d+)  (.+)", line) for line in out.splitlines()[1:] if "refused" not in line]
+    assert all(rows) and sum(int(r[1]) for r in rows) == imported and sum(int(r[2]) for r in rows) == pairs
+    assert {r[3] for r in rows} <= {f.name for f in FAMILIES}
+    for family in ("ModifiedResNet", "SigLIP", "ConvNeXt", "EVA", "MobileCLIP", "Hugging Face text tower", "CLIPA"):
+        assert any(family in r[3] for r in rows), family
+    assert "refused: convnext_large_d: vision_cfg.timm_proj='mlp'" in out

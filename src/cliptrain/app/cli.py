@@ -197,9 +197,33 @@ def cmd_data(argv: list[str]) -> int:
 
 
 def cmd_models(argv: list[str]) -> int:
-    """`cliptrain models`."""
-    from cliptrain.models import list_models
-    print("\n".join(list_models()))
+    """`cliptrain models [--foreign]`."""
+    parser = argparse.ArgumentParser(prog="cliptrain models", description=(
+        "List cliptrain's model names; with --foreign, open_clip's model families and which of its pretrained "
+        "models import (and the reason of those that do not)."))
+    parser.add_argument("--foreign", action="store_true", help="open_clip's families and their import status")
+    args = parser.parse_args(argv)
+    if not args.foreign:
+        from cliptrain.models import list_models
+        print("\n".join(list_models()))
+        return 0
+    from cliptrain.checkpoint.convert.families import FAMILIES, family_report
+    try:
+        import open_clip
+        from open_clip.factory import _MODEL_CONFIGS
+    except ImportError:
+        print("open_clip's model families that cliptrain recognises (install open_clip_torch to check each of its "
+              "pretrained models):")
+        print("\n".join(f"  {f.name}" + (f"  e.g. {f.example}" if f.example else "") for f in FAMILIES))
+        return 0
+    pairs = open_clip.list_pretrained()
+    rows = family_report(pairs, _MODEL_CONFIGS)
+    print(f"open_clip {open_clip.__version__}: {sum(r[2] for r in rows)} of its {len(pairs)} pretrained (model, tag) "
+          "pairs import (cliptrain eval / train --model.pretrained / export)")
+    for family, n, ok, reasons in rows:
+        print(f"  {ok:3d} of {n:3d}  {family}")
+        for reason in reasons:
+            print(f"               refused: {reason}")
     return 0
 
 

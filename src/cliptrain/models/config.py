@@ -34,7 +34,8 @@ class VisionConfig:
     patch_bias: bool = False             # a bias in the patch embedding (SigLIP)
     class_token: bool = True             # a learned class token in front of the patches (SigLIP: none)
     ln_pre: bool = True                  # a LayerNorm before the blocks (CLIP; SigLIP has none)
-    pool: Literal["cls", "map"] = "cls"  # features from the class token, or a MAP head (attention pooling, SigLIP)
+    pool: Literal["cls", "map", "avg"] = "cls"  # features from the class token, a MAP head (attention pooling,
+                                         # SigLIP), or the mean of the patch tokens, then the final norm (CLIPA)
     proj: bool = True                    # project the pooled features to embed_dim; false (Hugging Face SigLIP): none,
                                          # the width is the embedding size
     stem: Literal["patch", "conv"] = "patch"  # patchify conv, or 3x3 stride-2 convs + GELU (Xiao et al. 2021)

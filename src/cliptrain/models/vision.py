@@ -84,6 +84,8 @@ class VisionTransformer(nn.Module):
         """[B, 3, H, W] images -> [B, embed_dim] unnormalised features."""
         if self.map_head is not None:
             pooled = self.map_head(self.ln_post(self._blocks(images)))
+        elif self.cfg.pool == "avg":   # CLIPA: the final norm of the patch tokens' mean
+            pooled = self.ln_post(self._blocks(images)[:, int(self.cfg.class_token):].mean(dim=1))
         else:
             pooled = self.ln_post(self._blocks(images, index=0))
         return project_rows(pooled, self.proj, not self.training) if self.proj is not None else pooled

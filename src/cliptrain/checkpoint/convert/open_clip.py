@@ -37,8 +37,9 @@ _BLOCK_RULES = [("transformer.resblocks.", "transformer.blocks."), (".attn.in_pr
                 (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
 # open_clip / OpenAI features our towers do not have: refused on import rather than silently dropped.
 _UNSUPPORTED_VISION = {"timm_model_name": None, "attentional_pool": False, "ls_init_value": None,
-                       "no_ln_pre": False, "final_ln_after_pool": False, "pool_type": "tok",
                        "pos_embed_type": "learnable", "input_patchnorm": False, "output_tokens": False}
+# the ViT poolings we have: (pool_type, final_ln_after_pool) -> our vision.pool
+_VIT_POOLS = {("tok", False): "cls", ("avg", True): "avg"}
 _UNSUPPORTED_TEXT = {"embed_cls": False, "ls_init_value": None, "final_ln_after_pool": False,
                      "proj_type": "linear", "output_tokens": False}
 
@@ -56,6 +57,10 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
     bad += [f"text_cfg.{k}={t[k]!r}" for k, ok in _UNSUPPORTED_TEXT.items() if t.get(k, ok) != ok]
     activation, norm_eps, kwarg_bad = _text_kwargs(t, timm)
     bad += kwarg_bad
+    pooling = (v.get("pool_type", "tok"), bool(v.get("final_ln_after_pool", False)))
+    if not timm and pooling not in _VIT_POOLS:
+        bad.append(f"vision_cfg.pool_type={pooling[0]!r} with final_ln_after_pool={pooling[1]} (open_clip's ViT "
+                   "poolings that import: tok, and avg with final_ln_after_pool as CLIPA)")
     if t.get("hf_model_name"):
         bad = [b for b in bad if not b.startswith("text_cfg.act_kwargs / norm_kwargs")]  # (our tower ignores them)
     if bad:
@@ -72,7 +77,8 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
         width = v.get("width", 768)
         vision = VisionConfig(image_size=_size(v.get("image_size", 224)), patch_size=_size(v.get("patch_size", 16)),
                               width=width, layers=v.get("layers", 12), heads=width // v.get("head_width", 64),
-                              mlp_ratio=v.get("mlp_ratio", 4.0), patch_dropout=v.get("patch_dropout", 0.0))
+                              mlp_ratio=v.get("mlp_ratio", 4.0), patch_dropout=v.get("patch_dropout", 0.0),
+                              pool=_VIT_POOLS[pooling], ln_pre=not v.get("no_ln_pre", False))
     if t.get("hf_model_name"):
         text = _hf_text(t, model_cfg["embed_dim"], source)
         return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text,
@@ -217,8 +223,8 @@ def config_to_open_clip(cfg: CLIPConfig, hf_dir: Path | None = None) -> dict:
         vision = {"image_size": v.image_size, "layers": list(v.resnet_layers), "width": v.width,
                   "head_width": v.width * 32 // v.heads, "patch_size": None}
     else:
-        if cfg.activation == "gelu_tanh" or not v.class_token or v.pool != "cls" or v.patch_bias or not v.ln_pre:
-            raise ValueError("only CLIP-style ViT models (class token, ln_pre, gelu / quick_gelu) export to "
+        if cfg.activation == "gelu_tanh" or not v.class_token or v.pool == "map" or v.patch_bias:
+            raise ValueError("only CLIP-style ViT models (class token, gelu / quick_gelu, no MAP head) export to "
                              "open_clip; this model has SigLIP features")
         if cfg.norm_eps != 1e-5:
             raise ValueError(f"open_clip's LayerNorm uses eps 1e-5; this model has norm_eps {cfg.norm_eps}")
@@ -226,6 +232,10 @@ def config_to_open_clip(cfg: CLIPConfig, hf_dir: Path | None = None) -> dict:
             raise ValueError("open_clip's ViT embeds patches with one convolution; this model has vision.stem conv")
         vision = {"image_size": v.image_size, "layers": v.layers, "width": v.width, "patch_size": v.patch_size,
                   "head_width": v.width // v.heads, "mlp_ratio": v.mlp_ratio}
+        if not v.ln_pre:
+            vision["no_ln_pre"] = True
+        if v.pool == "avg":
+            vision.update(pool_type="avg", final_ln_after_pool=True)
     if t.is_hf:
         return _hf_to_open_clip(cfg, vision, hf_dir)
     text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
