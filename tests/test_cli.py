@@ -142,7 +142,7 @@ def test_table_run_without_validation_then_eval_with_it(tmp_path, capsys):
 
 def test_bad_arch_override_and_tokenizer_mismatch_messages(tmp_path, capsys):
     assert main(["train", "--model.arch.vision.layerz", "2", "--train.output_dir", str(tmp_path)]) == 2
-    assert "error: model.arch: unknown key 'vision.layerz' (did you mean 'layers'?)" in capsys.readouterr().err
+    assert "error: model.arch: unknown key 'vision.layerz' (did you mean 'layers', 'resnet_layers'?)" in capsys.readouterr().err
     from cliptrain.text.tokenizer import train_bpe
     train_bpe(["a red circle"] * 5, 300, 77).save(tmp_path / "tok.json")
     assert main(["train", "--tokenizer.path", str(tmp_path / "tok.json"), "--train.output_dir", str(tmp_path)]) == 2
