@@ -36,7 +36,7 @@ FAMILIES = [  # in order: the first family whose test matches a config is its fa
     Family("SigLIP / SigLIP 2 (timm ViT)", "ViT-B-16-SigLIP", _timm("siglip")),
     Family("ConvNeXt (timm)", "convnext_base_w", _timm("convnext")),
     Family("EVA (timm)", "EVA02-B-16", _timm("eva")),
-    Family("MobileCLIP (timm FastViT, ViT)", "MobileCLIP-S1", _timm("fastvit", "vit_large_patch14_clip")),
+    Family("MobileCLIP (timm FastViT, ViT)", "MobileCLIP-S1", _timm("fastvit", "_mci", "vit_large_patch14_clip")),
     Family("ViTamin (timm)", "ViTamin-S", _timm("vitamin")),
     Family("Perception Encoder (timm)", "PE-Core-B-16", _timm("vit_pe")),
     Family("other timm towers", "", _timm()),
