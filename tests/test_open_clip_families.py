@@ -217,3 +217,39 @@ def test_models_foreign_lists_every_family_with_its_status(capsys):
     for family in ("ModifiedResNet", "SigLIP", "ConvNeXt", "EVA", "MobileCLIP", "Hugging Face text tower", "CLIPA"):
         assert any(family in r[3] for r in rows), family
     assert "refused: convnext_large_d: vision_cfg.timm_proj='mlp'" in out
+
+
+def test_hugging_face_siglip2_imports_and_exports_with_its_embeddings(tmp_path):
+    # A Siglip2Model at its own patch grid (16 patches of 8 px: 32 px images): its Linear patch embedding over
+    # (row, column, channel)-flattened patches becomes our convolution, and back.
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (optional)")
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=2)
+    config = transformers.Siglip2Config(
+        text_config=dict(vocab_size=100, max_position_embeddings=16, eos_token_id=1, pad_token_id=1, **shape),
+        vision_config=dict(num_patches=16, patch_size=8, **shape))
+    theirs = transformers.Siglip2Model(config).eval()
+    theirs.save_pretrained(tmp_path / "siglip2")
+    imported = import_pretrained(tmp_path / "siglip2")
+    assert imported.source == "Hugging Face SigLIP 2" and imported.config.vision.image_size == 32
+    ours = imported.model()
+
+    def hf_features(model, images, texts):
+        b = images.shape[0]
+        patches = images.reshape(b, 3, 4, 8, 4, 8).permute(0, 2, 4, 3, 5, 1).reshape(b, 16, 8 * 8 * 3)
+        img = model.get_image_features(pixel_values=patches, pixel_attention_mask=torch.ones(b, 16, dtype=torch.long),
+                                       spatial_shapes=torch.tensor([[4, 4]] * b))
+        txt = model.get_text_features(input_ids=texts)
+        return [getattr(x, "pooler_output", x) for x in (img, txt)]
+
+    images, texts = inputs(32)
+    with torch.no_grad():
+        for a, b in zip(hf_features(theirs, images, texts),
+                        (ours.encode_image(images, normalize=False), ours.encode_text(texts, normalize=False))):
+            assert a.shape == b.shape and (a - b).abs().max().item() <= TOL, (a - b).abs().max().item()
+    from cliptrain.checkpoint.convert import export_hf
+    export_hf(ours, None, imported.preprocess, tmp_path / "export", siglip2=True)
+    back = transformers.Siglip2Model.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        for a, b in zip(hf_features(back, images, texts), hf_features(theirs, images, texts)):
+            assert (a - b).abs().max().item() <= TOL

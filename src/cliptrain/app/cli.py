@@ -241,7 +241,8 @@ def cmd_export(argv: list[str]) -> int:
         "or a Hugging Face directory (config.json, model.safetensors, tokenizer and preprocessor files): a "
         "SiglipModel for SigLIP-style models (MAP head, logit bias), else a CLIPModel."))
     _weights_args(parser)
-    parser.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    parser.add_argument("--format", required=True, choices=["open_clip", "hf", "hf-siglip2"],
+                        help="hf-siglip2: a SigLIP-style model as a Hugging Face Siglip2Model")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model-name", default="cliptrain-export",
                         help="open_clip: name of the model config file NAME.json (default: %(default)s)")
@@ -253,7 +254,7 @@ def cmd_export(argv: list[str]) -> int:
     if args.format == "open_clip":
         out = export_open_clip(model, imported.tokenizer, imported.preprocess, args.out, args.model_name)
     else:
-        out = export_hf(model, imported.tokenizer, imported.preprocess, args.out)
+        out = export_hf(model, imported.tokenizer, imported.preprocess, args.out, siglip2=args.format == "hf-siglip2")
     print(f"exported {imported.source} weights as {args.format} to {out}")
     return 0
 

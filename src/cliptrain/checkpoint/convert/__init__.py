@@ -216,7 +216,9 @@ def _from_hf(path: Path) -> Imported:
                 "resize_mode": "squash"} if siglip else {}
     pre = Preprocess(cfg.vision.image_size, **{**defaults, **hf.preprocess_from_hf(path / "preprocessor_config.json")})
     tok = load_hf_dir_tokenizer(path, cfg.text.context_length)
-    return Imported(cfg, sd, tok, pre, "Hugging Face SigLIP" if siglip else "Hugging Face CLIP")
+    source = {"siglip2": "Hugging Face SigLIP 2", "siglip": "Hugging Face SigLIP"}.get(config["model_type"],
+                                                                                     "Hugging Face CLIP")
+    return Imported(cfg, sd, tok, pre, source)
 
 
 def architecture_for_name(name: str, **overrides: Any) -> tuple[CLIPConfig, str | None]:
@@ -299,9 +301,10 @@ def _hf_text_dir(model: CLIP, out: Path) -> Path | None:
     return folder.resolve()
 
 
-def export_hf(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: str | Path) -> Path:
+def export_hf(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: str | Path, siglip2: bool = False) -> Path:
     """Write a Hugging Face directory: a SiglipModel for SigLIP-style models (MAP head, last-token text pooling
-    or a logit bias; anything else SigLIP lacks is refused, naming it), else a CLIPModel. config.json,
+    or a logit bias; anything else SigLIP lacks is refused, naming it), or a Siglip2Model with `siglip2`, else a
+    CLIPModel. config.json,
     model.safetensors, preprocessor_config.json and the tokenizer's files: SentencePiece (SigLIP) as its
     transformers files, the CLIP BPE as vocab.json / merges.txt, any other as cliptrain_tokenizer.json."""
     from safetensors.torch import save_file
@@ -316,6 +319,12 @@ def export_hf(model: CLIP, tokenizer: Any, preprocess: Preprocess, out: str | Pa
             raise ValueError(f"this model cannot be exported as a Hugging Face SiglipModel; it differs in: "
                              f"{'; '.join(differs)}")
         config, weights = hf.config_to_hf_siglip(model.cfg, tokenizer), hf.state_dict_to_hf_siglip(sd)
+        if siglip2:
+            config = hf.config_to_hf_siglip2(model.cfg, tokenizer)
+            key = "vision_model.embeddings.patch_embedding.weight"
+            weights[key] = hf.conv_patches_to_linear(weights[key])
+    elif siglip2:
+        raise ValueError("only SigLIP-style models (MAP head, logit bias) export as a Siglip2Model")
     else:
         config, weights = hf.config_to_hf_clip(model.cfg, tokenizer), hf.state_dict_to_hf_clip(sd)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,8 @@
-"""Hugging Face `CLIPModel` and `SiglipModel` directories: config.json, model.safetensors, tokenizer and
-preprocessor files. Reading and writing the files needs no transformers; only SigLIP's SentencePiece
+"""Hugging Face `CLIPModel`, `SiglipModel` and `Siglip2Model` directories: config.json, model.safetensors,
+tokenizer and preprocessor files. A Siglip2Model is a SigLIP whose patch embedding is a Linear over flattened
+(row, column, channel) patches and whose position grid is resized to each image's patch grid (NaFlex): at its
+own grid (square images of image_size = sqrt(num_patches) x patch_size) the resize is the identity, so it is
+our SigLIP ViT with the patch weights reshaped. Reading and writing the files needs no transformers; only SigLIP's SentencePiece
 tokenizer is read through transformers (see `cliptrain.checkpoint.convert.tokenizers`)."""
 from __future__ import annotations
 
@@ -42,16 +45,21 @@ def _activation(name: str, source: str) -> str:
 def config_from_hf(config: dict, source: str = "config.json") -> CLIPConfig:
     """Our architecture for a Hugging Face CLIPModel / SiglipModel config.json."""
     kind = config.get("model_type")
-    if kind not in ("clip", "siglip"):
-        raise ValueError(f"{source}: model_type {kind!r} is not supported; cliptrain imports CLIPModel ('clip') "
-                         "and SiglipModel ('siglip') directories")
+    if kind not in ("clip", "siglip", "siglip2"):
+        raise ValueError(f"{source}: model_type {kind!r} is not supported; cliptrain imports CLIPModel ('clip'), "
+                         "SiglipModel ('siglip') and Siglip2Model ('siglip2') directories")
     v, t = config.get("vision_config", {}), config.get("text_config", {})
     acts = {_activation(v.get("hidden_act", "quick_gelu"), source), _activation(t.get("hidden_act", "quick_gelu"),
                                                                                  source)}
     if len(acts) != 1 or v.get("layer_norm_eps", 1e-5) != t.get("layer_norm_eps", 1e-5):
         raise ValueError(f"{source}: the towers use different activations or norm eps; cliptrain uses one for both")
     vw, tw = v.get("hidden_size", 768), t.get("hidden_size", 512)
-    siglip = kind == "siglip"
+    siglip = kind in ("siglip", "siglip2")
+    if kind == "siglip2":          # its native patch grid, square (see the module doc)
+        grid = math.isqrt(v.get("num_patches", 256))
+        if grid * grid != v.get("num_patches", 256):
+            raise ValueError(f"{source}: a Siglip2 vision num_patches of {v['num_patches']} is not a square grid")
+        v = {**v, "image_size": grid * v.get("patch_size", 16)}
     if siglip and not v.get("vision_use_head", True):
         raise ValueError(f"{source}: SigLIP without the vision MAP head (vision_use_head false) is not supported")
     vocab = t.get("vocab_size", 49408)
@@ -158,6 +166,27 @@ def config_to_hf_siglip(cfg: CLIPConfig, tokenizer=None) -> dict:
     }
 
 
+def config_to_hf_siglip2(cfg: CLIPConfig, tokenizer=None) -> dict:
+    """config.json of a Hugging Face Siglip2Model equal to `cfg` at its image size (check `siglip_differences`)."""
+    config = config_to_hf_siglip(cfg, tokenizer)
+    v = config["vision_config"]
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    v.pop("image_size")
+    v.update(model_type="siglip2_vision_model", num_patches=grid * grid)
+    config["text_config"]["model_type"] = "siglip2_text_model"
+    return {**config, "architectures": ["Siglip2Model"], "model_type": "siglip2"}
+
+
+def linear_patches_to_conv(weight: torch.Tensor, patch: int) -> torch.Tensor:
+    """Siglip2's patch Linear [W, p * p * 3] (inputs ordered row, column, channel) -> a Conv2d weight [W, 3, p, p]."""
+    return weight.reshape(weight.shape[0], patch, patch, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def conv_patches_to_linear(weight: torch.Tensor) -> torch.Tensor:
+    """The inverse of `linear_patches_to_conv`."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+
+
 def _hidden(width: int, ratio: float) -> int:
     from cliptrain.models.layers import mlp_hidden
     return mlp_hidden(width, ratio)
@@ -214,7 +243,12 @@ def _rename(key: str) -> str:
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: CLIPConfig) -> dict[str, torch.Tensor]:
-    """A CLIPModel / SiglipModel state dict -> ours (SigLIP's image features are not projected: vision.proj false)."""
+    """A CLIPModel / SiglipModel / Siglip2Model state dict -> ours (SigLIP's image features are not projected:
+    vision.proj false)."""
+    patch = sd.get("vision_model.embeddings.patch_embedding.weight")
+    if patch is not None and patch.dim() == 2:     # Siglip2's Linear patch embedding
+        sd = {**sd, "vision_model.embeddings.patch_embedding.weight":
+              linear_patches_to_conv(patch, cfg.vision.patch_size)}
     out: dict[str, torch.Tensor] = {}
     _fuse_qkv(sd, out)
     siglip = cfg.vision.pool == "map"
