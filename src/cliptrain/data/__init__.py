@@ -140,12 +140,12 @@ def teacher_view(teacher: TeacherInputs | None, image, seed: int, epoch: int, in
     return (augment(teacher.transform, image, seed, epoch, index),)
 
 
-class ReadableOnly:
-    """The samples of a source that decode, found by reading each once (for validation sets, where a
-    replaced sample would bias the metrics)."""
+class Subset:
+    """The samples `indices` of a source, in that order (its readable samples, its first N), keeping what the
+    source tells of each: its caption list and image identities (see TableSource.image_ids)."""
 
-    def __init__(self, source: PairSource, keep: list[int]):
-        self.source, self.keep = source, keep
+    def __init__(self, source: PairSource, indices: Sequence[int]):
+        self.source, self.keep = source, list(indices)
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -155,11 +155,11 @@ class ReadableOnly:
 
     @property
     def captions(self) -> list[str]:
-        return getattr(self.source, "captions", [])
+        captions = getattr(self.source, "captions", None)
+        return [captions[k] for k in self.keep] if isinstance(captions, list) else []
 
     @property
     def image_ids(self) -> list | None:
-        """The source's image identity of each kept sample, when it has them (see TableSource.image_ids)."""
         ids = getattr(self.source, "image_ids", None)
         return None if ids is None else [ids[k] for k in self.keep]
 
@@ -182,7 +182,7 @@ def readable_only(source: PairSource, name: str = "validation data", log: Callab
         log(f"{name}: skipped {sum(bad.values())} of {len(source)} samples ({reasons}); e.g. {'; '.join(examples[:3])}")
     if not keep:
         raise ValueError(f"{name}: none of its {len(source)} samples could be read ({examples[0] if examples else ''})")
-    return source if len(keep) == len(source) else ReadableOnly(source, keep)
+    return source if len(keep) == len(source) else Subset(source, keep)
 
 
 class EpochSampler(Sampler):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from cliptrain.data import Subset
 from cliptrain.data.streaming import ShardSamples, ShardSet
 from cliptrain.data.tables import FolderSource, TableSource
 
@@ -28,26 +29,5 @@ def open_source(kind: str, path: str, stream: bool, image_key: str = "image", ca
     if limit is not None and total > limit:
         log(f"{path}: the first {limit} of its {total} samples (eval.max_samples)")
         if len(source) > limit:
-            source = FirstSamples(source, limit)
+            source = Subset(source, range(limit))
     return source
-
-
-class FirstSamples:
-    """The first `n` samples of an indexable source."""
-
-    def __init__(self, source, n: int):
-        self.source, self.n = source, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def image_ids(self) -> list | None:
-        """The source's image identity of each of the first samples, when it has them."""
-        ids = getattr(self.source, "image_ids", None)
-        return None if ids is None else ids[:self.n]
-
-    def __getitem__(self, index: int):
-        if not -self.n <= index < self.n:
-            raise IndexError(f"index {index} out of range for {self.n} samples")
-        return self.source[index % self.n]
