@@ -69,7 +69,8 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, batch: int, precision: str, device: torch.device, steps: int, warmup: int) -> dict:
+def bench(name: str, batch: int, precision: str, device: torch.device, steps: int, warmup: int,
+          peak_repeats: int = 10) -> dict:
     keep_freed_memory(device)                 # as cliptrain's trainer does on CPU (train.keep_freed_memory)
     torch.manual_seed(0)
     model = create_model(name).to(device)
@@ -89,7 +90,7 @@ def bench(name: str, batch: int, precision: str, device: torch.device, steps: in
 
     step = time_steps(train_step, device, steps, warmup)
     peak_mem = peak_memory_mb(device)   # before the matmul peak's own large matrices
-    peak = matmul_peak(precision, device)
+    peak = matmul_peak(precision, device, repeats=peak_repeats)
     model_flops = train_flops(cfg, pooled_last_block=False) * batch / step   # the architecture's count
     executed = train_flops(cfg) * batch / step                                # what cliptrain computes
     return {"model": name, "batch": batch, "precision": precision, "samples_per_s": batch / step,
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-repeats", type=int, default=10, help="timings of the matmul peak (best of them)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -113,7 +115,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         for precision in args.precision:
-            job = (name, args.batch_size, resolve_precision(precision, device), device, args.steps, args.warmup)
+            job = (name, args.batch_size, resolve_precision(precision, device), device, args.steps, args.warmup,
+                   args.peak_repeats)
             with mp.get_context("spawn").Pool(1) as pool:  # a fresh process each, so peak memory is its own
                 r = pool.apply(bench, job)
             print(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['samples_per_s']:.1f} | {r['step_ms']:.0f} "
