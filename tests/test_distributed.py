@@ -79,15 +79,16 @@ def reference(tmp_path_factory):
     return tmp / "one"
 
 
-# ddp with accumulation (12 s) under -m slow: fsdp-2 runs the same accumulation across ranks, and
-# tests/test_local_loss.py checks accumulated gradients on real gloo groups against one process
-@pytest.mark.parametrize("strategy, accum", [pytest.param("ddp", 2, marks=pytest.mark.slow), ("fsdp", 2), ("ddp", 1)])
+# ddp (12 s each) under -m slow: fsdp-2 runs the same accumulation across ranks, DDP trains in the CoCa, shard and
+# resume tests, and tests/test_local_loss.py checks accumulated and tiled gradients on real gloo groups
+@pytest.mark.parametrize("strategy, accum", [pytest.param("ddp", 2, marks=pytest.mark.slow), ("fsdp", 2),
+                                             pytest.param("ddp", 1, marks=pytest.mark.slow)])
 def test_two_processes_equal_one(tmp_path, reference, strategy, accum):
     # The reference accumulates 2 micro-batches; accumulation being exact, 1 micro-batch gives the same.
     # That case also takes the loss tile by tile (train.loss_tile) on the features gathered from both ranks.
     train = {"accum_steps": accum, **({"loss_tile": 8} if accum == 1 else {})}
-    # one case goes through torchrun itself; the others start the ranks directly (tests/launch.py)
-    out = run(write_config(tmp_path, "two", dist={"strategy": strategy}, train=train), 2, torchrun=accum == 1)
+    # the default case goes through torchrun itself; the others start the ranks directly (tests/launch.py)
+    out = run(write_config(tmp_path, "two", dist={"strategy": strategy}, train=train), 2, torchrun=strategy == "fsdp")
     assert "processes: 2" in out.stdout
     two = tmp_path / "two"
     # (the tiled loss matches the plain one to 1e-5, which six AdamW steps turn into up to 1.5e-5 per tensor)
