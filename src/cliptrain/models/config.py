@@ -8,7 +8,7 @@ from typing import Literal
 from cliptrain.base.typed import ConfigError
 
 
-Projection = Literal["linear", "mlp", "none"]
+Projection = Literal["linear", "mlp", "mlp_wide", "none"]  # see models.layers.projection_head
 
 
 # Architecture fields that change how a model trains, not its weights: a resumed run may change them

@@ -323,7 +323,9 @@ def block_layer_groups(tower: nn.Module, inputs: tuple, blocks: nn.ModuleList) -
 # --------------------------------------------------------------------------------------------
 
 def projection_head(kind: str, width: int, embed_dim: int, key: str) -> nn.Module:
-    """The head from a tower's `width` features to `embed_dim`: linear, a 2-layer MLP, or none (same size)."""
+    """The head from a tower's `width` features to `embed_dim`: linear, a 2-layer MLP (hidden (width + embed_dim)
+    / 2, no biases), `mlp_wide` (open_clip's timm MLP head: hidden 2 x embed_dim, a bias on the first layer), or
+    none (same size)."""
     if kind == "none":
         if width != embed_dim:
             raise ValueError(f"{key} none needs the tower's feature size ({width}) to equal embed_dim ({embed_dim}); "
@@ -331,6 +333,8 @@ def projection_head(kind: str, width: int, embed_dim: int, key: str) -> nn.Modul
         return nn.Identity()
     if kind == "linear":
         return nn.Linear(width, embed_dim, bias=False)
+    if kind == "mlp_wide":
+        return nn.Sequential(nn.Linear(width, 2 * embed_dim), nn.GELU(), nn.Linear(2 * embed_dim, embed_dim, bias=False))
     hidden = (width + embed_dim) // 2
     return nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False))
 

@@ -41,7 +41,7 @@ _UNSUPPORTED_VISION = {"timm_model_name": None, "attentional_pool": False, "ls_i
 # the ViT poolings we have: (pool_type, final_ln_after_pool) -> our vision.pool
 _VIT_POOLS = {("tok", False): "cls", ("avg", True): "avg"}
 _UNSUPPORTED_TEXT = {"embed_cls": False, "ls_init_value": None, "final_ln_after_pool": False,
-                     "proj_type": "linear", "output_tokens": False}
+                     "output_tokens": False}
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -57,6 +57,10 @@ def config_from_open_clip(model_cfg: dict, source: str = "open_clip config") -> 
     bad += [f"text_cfg.{k}={t[k]!r}" for k, ok in _UNSUPPORTED_TEXT.items() if t.get(k, ok) != ok]
     activation, norm_eps, kwarg_bad = _text_kwargs(t, timm)
     bad += kwarg_bad
+    if t.get("proj_type", "linear") not in ("linear", "none") or (
+            t.get("proj_type") == "none" and t.get("width", 512) != model_cfg["embed_dim"]):
+        bad.append(f"text_cfg.proj_type={t['proj_type']!r} (none imports as an identity projection when the text "
+                   "width is embed_dim)")
     pooling = (v.get("pool_type", "tok"), bool(v.get("final_ln_after_pool", False)))
     if not timm and pooling not in _VIT_POOLS:
         bad.append(f"vision_cfg.pool_type={pooling[0]!r} with final_ln_after_pool={pooling[1]} (open_clip's ViT "
@@ -163,8 +167,6 @@ def _timm_vision(v: dict, embed_dim: int, source: str) -> VisionConfig:
     bad = []
     if pool in ("abs_attn", "rot_attn"):
         bad.append(f"vision_cfg.timm_pool={pool!r} (open_clip's attention-pool heads)")
-    if proj == "mlp":
-        bad.append("vision_cfg.timm_proj='mlp' (open_clip's timm MLP head: hidden 2 x embed_dim, with biases)")
     if c["timm_proj_bias"]:
         bad.append("vision_cfg.timm_proj_bias=true")
     if c["timm_drop"]:
@@ -172,8 +174,8 @@ def _timm_vision(v: dict, embed_dim: int, source: str) -> VisionConfig:
     if bad:
         raise ValueError(f"{source} uses features cliptrain models do not have: {', '.join(bad)}")
     kwargs = {"drop_path_rate": c["timm_drop_path"]} if c.get("timm_drop_path") is not None else {}
-    if proj == "linear":           # trunk without classifier, pooled as timm_pool or (when '') as its default
-        head, pool = "linear", pool or None
+    if proj in ("linear", "mlp"):  # trunk without classifier, pooled as timm_pool or (when '') as its default
+        head, pool = {"linear": "linear", "mlp": "mlp_wide"}[proj], pool or None
     elif proj == "none":           # trunk without classifier: the pooled features
         head = "none"
     else:                          # timm's classifier of embed_dim outputs is the projection
@@ -289,12 +291,12 @@ def _timm_to_open_clip(v: VisionConfig, embed_dim: int) -> dict:
         raise ValueError(f"open_clip's timm tower takes no timm arguments but drop_path_rate; this model has "
                          f"vision.timm_kwargs {v.timm_kwargs}")
     if v.timm_proj == "mlp":
-        raise ValueError("cliptrain's MLP head differs from open_clip's timm MLP head; use vision.timm_proj linear "
-                         "or none to export")
+        raise ValueError("cliptrain's MLP head differs from open_clip's timm MLP head; use vision.timm_proj linear, "
+                         "mlp_wide (open_clip's) or none to export")
     out: dict[str, Any] = {"timm_model_name": v.timm_model, "timm_model_pretrained": False,
                            "image_size": v.image_size}
-    if v.timm_proj == "linear":
-        out.update(timm_pool=v.timm_pool or "", timm_proj="linear")
+    if v.timm_proj in ("linear", "mlp_wide"):
+        out.update(timm_pool=v.timm_pool or "", timm_proj={"linear": "linear", "mlp_wide": "mlp"}[v.timm_proj])
     else:
         if v.timm_pool is None:
             raise ValueError("open_clip needs the timm pool named for a timm tower without a projection; set "
@@ -374,7 +376,9 @@ def state_dict_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             out["text.text_projection_bias"] = value
             continue
         if key.startswith(("visual.trunk.", "visual.head.")):   # a timm image tower (open_clip's TimmModel)
-            out[key.replace("visual.head.proj.", "visual.proj.")] = value
+            for theirs, ours in _TIMM_HEAD:
+                key = key.replace(theirs, ours)
+            out[key] = value
             continue
         if resnet and key.startswith("visual."):                # ModifiedResNet: the same names
             out[key] = value
@@ -385,10 +389,15 @@ def state_dict_from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
         if not new.startswith(("visual.", "logit_")):
             new = "text." + new
         out[new] = value.reshape(()) if new.startswith("logit_") else value
+    if "text.ln_final.weight" in out and "text.text_projection" not in out:  # text_cfg.proj_type none
+        out["text.text_projection"] = torch.eye(len(out["text.ln_final.weight"]))
     return out
 
 
 _COCA_PREFIXES = ("text_decoder.", "visual.attn_pool.")
+# open_clip's TimmModel head -> ours: the linear head, and its MLP head (timm's Mlp: fc1, act, fc2)
+_TIMM_HEAD = [("visual.head.proj.", "visual.proj."), ("visual.head.mlp.fc1.", "visual.proj.0."),
+              ("visual.head.mlp.fc2.", "visual.proj.2.")]
 
 
 def _coca_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -447,8 +456,10 @@ def state_dict_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         if key.startswith(("text.trunk.", "text.proj.")):                 # a Hugging Face text tower
             out[key.replace("text.trunk.", "text.transformer.", 1)] = value
             continue
-        if timm and key.startswith(("visual.trunk.", "visual.proj.")):
-            out[key.replace("visual.proj.", "visual.head.proj.")] = value   # a timm image tower
+        if timm and key.startswith(("visual.trunk.", "visual.proj.")):   # a timm image tower
+            for theirs, ours in reversed(_TIMM_HEAD):   # (the MLP's visual.proj.N first)
+                key = key.replace(ours, theirs)
+            out[key] = value
             continue
         new = key.replace("visual.patch_embed.", "visual.conv1.")
         for theirs, ours in _BLOCK_RULES:
