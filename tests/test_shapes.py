@@ -103,6 +103,20 @@ def test_access_order_is_irrelevant():
     assert forward[-1][1] == forward[19][1]
 
 
+def test_rendered_samples_are_kept_and_equal_fresh_ones():
+    kept = ShapesDataset("train", 30, image_size=32, seed=5)
+    for i in list(range(30)) + list(range(30)):   # the second pass reads the kept bytes
+        image, caption = kept[i]
+        scene, fresh_caption = kept._sample(i)
+        assert caption == fresh_caption and np.array_equal(np.asarray(image), np.asarray(render(scene, 32)))
+    assert len(kept._rendered) == 30
+    first = kept[3][0]
+    first.paste((0, 0, 0), (0, 0, 32, 32))          # each call hands out its own image
+    assert np.asarray(kept[3][0]).max() > 0
+    too_big = ShapesDataset("train", ShapesDataset.CACHE_BYTES // (16 * 16 * 3) + 1, image_size=16)
+    assert too_big._rendered is None and too_big[0][1] == too_big.caption(0)
+
+
 def test_dataset_pickles():
     dataset = ShapesDataset("train", 10, seed=2)
     clone = pickle.loads(pickle.dumps(dataset))

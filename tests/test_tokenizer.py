@@ -157,6 +157,20 @@ def test_trained_pickles(trained: Tokenizer) -> None:
     assert torch.equal(clone(TRICKY), trained(TRICKY))
 
 
+def test_memo_gives_the_ids_of_a_fresh_encoding(trained: Tokenizer) -> None:
+    """Ids come from a memo of seen texts: the same as encoding anew, in batches with repeats, after the memo
+    is full and cleared, and at another context length."""
+    fresh = pickle.loads(pickle.dumps(trained))
+    fresh.CACHE_TEXTS = 5
+    texts = TRICKY + CAPTIONS[:10]
+    for batch in (texts, texts[::-1], texts[:3] * 4, CAPTIONS[3:9] + TRICKY[:2]):
+        reference = [pickle.loads(pickle.dumps(trained))._encode_new([t])[0] for t in batch]
+        assert fresh._encode_bodies(batch) == reference
+        assert torch.equal(fresh(batch), trained(batch)) and torch.equal(fresh(batch, 8), trained(batch, 8))
+        assert len(fresh._memo) <= max(5, len(set(texts)))   # at most the limit, or one batch
+    assert fresh.encode(TRICKY[0]) == trained.encode(TRICKY[0])
+
+
 def test_train_bpe_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="vocab_size must be at least 259"):
         train_bpe(CAPTIONS, vocab_size=100)

@@ -326,6 +326,11 @@ class ShapesDataset(torch.utils.data.Dataset):
     all 48 classes, so 1/8 of val primaries are HELD_OUT pairs.
     """
 
+    # Rendered samples are kept (as RGB bytes) when the whole split fits in this many bytes: from the second
+    # epoch on, a sample costs a lookup instead of drawing and rendering its scene (61 MB for the demo's 20,000
+    # at 32 px, in each persistent loader worker).
+    CACHE_BYTES = 256 * 2**20
+
     def __init__(self, split: Literal["train", "val"], num_samples: int, image_size: int = 64,
                  seed: int = 0) -> None:
         if split not in ("train", "val"):
@@ -342,6 +347,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.image_size = image_size
         self.seed = seed
         self._labels: list[int] | None = None
+        fits = num_samples * image_size * image_size * 3 <= self.CACHE_BYTES
+        self._rendered: dict[int, tuple[bytes, str]] | None = {} if fits else None
 
     def __len__(self) -> int:
         """Number of samples in this split."""
@@ -385,9 +392,16 @@ class ShapesDataset(torch.utils.data.Dataset):
         return list(self._labels)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
-        """(RGB image of image_size x image_size, caption) for sample `index`."""
+        """(RGB image of image_size x image_size, caption) for sample `index` (a new image at each call)."""
+        index = self._index(index)
+        kept = self._rendered.get(index) if self._rendered is not None else None
+        if kept is not None:
+            return Image.frombytes("RGB", (self.image_size, self.image_size), kept[0]), kept[1]
         scene, caption = self._sample(index)
-        return render(scene, self.image_size), caption
+        image = render(scene, self.image_size)
+        if self._rendered is not None:
+            self._rendered[index] = (image.tobytes(), caption)
+        return image, caption
 
 
 def shapes_splits(train_size: int, val_size: int, image_size: int = 64,

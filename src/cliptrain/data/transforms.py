@@ -259,9 +259,10 @@ def crop_params(height: int, width: int, scale: tuple[float, float], ratio: tupl
     centred crop of the whole image clamped to the ratio range."""
     area = height * width
     lo, hi = log_ratio if log_ratio is not None else (math.log(ratio[0]), math.log(ratio[1]))
+    draw = torch.empty(1)  # float32, as torchvision's draws
     for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = torch.exp(torch.empty(1).uniform_(lo, hi)).item()
+        target_area = area * draw.uniform_(scale[0], scale[1]).item()
+        aspect = draw.uniform_(lo, hi).exp_().item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:

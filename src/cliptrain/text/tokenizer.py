@@ -59,6 +59,8 @@ _CLIP_SPECIAL = re.compile(re.escape(CLIP_SOT) + "|" + re.escape(CLIP_EOT))
 class Tokenizer:
     """Turns captions into fixed-length token-id tensors."""
 
+    CACHE_TEXTS = 100_000  # distinct texts whose ids are remembered (see _encode_bodies)
+
     def __init__(self, backend: tokenizers.Tokenizer, *, source: str = "tokenizer") -> None:
         """Wraps a Hugging Face tokenizer configured as cliptrain writes them (see module doc)."""
         config = json.loads(backend.to_str())
@@ -75,6 +77,7 @@ class Tokenizer:
             config.update(normalizer=None, added_tokens=[])
         self._runtime = tokenizers.Tokenizer.from_str(json.dumps(config))
         self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        self._memo: dict[str, list[int]] = {}
 
     @property
     def context_length(self) -> int:
@@ -192,6 +195,18 @@ class Tokenizer:
         return cls(backend, source=str(file))
 
     def _encode_bodies(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text without sot/eot: the texts not seen before encoded as one batch, the others from
+        a memo of the last CACHE_TEXTS distinct texts (a training run tokenizes the same captions each epoch)."""
+        memo, distinct = self._memo, dict.fromkeys(texts)
+        new = [t for t in distinct if t not in memo]
+        if new and len(memo) + len(new) > self.CACHE_TEXTS:
+            memo.clear()
+            new = list(distinct)
+        if new:
+            memo.update(zip(new, self._encode_new(new)))
+        return [memo[t] for t in texts]
+
+    def _encode_new(self, texts: list[str]) -> list[list[int]]:
         """Ids of each text without sot/eot, encoded as one batch."""
         if not self._clip_cleaning:
             return [e.ids for e in self._runtime.encode_batch(texts, add_special_tokens=False)]
