@@ -191,31 +191,31 @@ def test_train_reproducible_with_seed_and_varies_across_seeds():
     assert not torch.equal(outs[0], outs[2]) and not torch.equal(outs[2], outs[3])
 
 
-@pytest.mark.parametrize("scale,ratio,jitter,grey", [((0.08, 1.0), (3 / 4, 4 / 3), 0.0, 0.0),
-                                                    ((0.5, 1.0), (0.5, 2.0), 0.4, 0.0),
-                                                    ((0.9, 1.0), (3 / 4, 4 / 3), 0.3, 0.5)])
-def test_train_equals_torchvision_random_resized_crop(scale, ratio, jitter, grey):
+@pytest.mark.parametrize("scale,ratio,jitter,grey,interpolation", [((0.08, 1.0), (3 / 4, 4 / 3), 0.0, 0.0, "bicubic"),
+                                                                  ((0.5, 1.0), (0.5, 2.0), 0.4, 0.0, "bicubic"),
+                                                                  ((0.9, 1.0), (3 / 4, 4 / 3), 0.3, 0.5, "bicubic"),
+                                                                  ((0.5, 1.0), (3 / 4, 4 / 3), 0.0, 0.0, "bilinear")])
+def test_train_equals_torchvision_random_resized_crop(scale, ratio, jitter, grey, interpolation):
     """The fast training path is v2's ToImage + RandomResizedCrop (+ colour steps) pixel for pixel and draw for
-    draw: the same output and the same global RNG state after it, on images of many shapes."""
+    draw: the same output, memory layout and global RNG state after it, on images of many shapes."""
     from torchvision.transforms import v2
-    from torchvision.transforms.v2 import InterpolationMode
     ours = image_transform(24, train=True, scale=scale, ratio=ratio, color_jitter=jitter,
-                           color_jitter_prob=0.8, grayscale_prob=grey)
-    steps = [v2.ToImage(), v2.RandomResizedCrop(24, scale=scale, ratio=ratio, interpolation=InterpolationMode.BICUBIC,
-                                                antialias=True)]
+                           color_jitter_prob=0.8, grayscale_prob=grey, interpolation=interpolation)
+    steps = [v2.ToImage(), v2.RandomResizedCrop(24, scale=scale, ratio=ratio,
+                                                interpolation=interpolation_mode(interpolation), antialias=True)]
     if jitter:
         steps.append(v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, jitter / 4)], p=0.8))
     if grey:
         steps.append(v2.RandomGrayscale(grey))
     reference = v2.Compose(steps)
-    sizes = [(8, 80), (80, 8), (31, 47), (24, 24), (5, 6), (64, 40)]
+    sizes = [(8, 80), (80, 8), (31, 47), (24, 24), (5, 6), (64, 40), (24, 60)]
     for seed in range(40):
         image = noise_image(*sizes[seed % len(sizes)], seed=seed)
         torch.manual_seed(seed)
         got, after = ours.to_uint8(image), torch.rand(3)
         torch.manual_seed(seed)
         want, expected_after = reference(image).as_subclass(torch.Tensor), torch.rand(3)
-        assert got.dtype == torch.uint8 and torch.equal(got, want), seed
+        assert got.dtype == torch.uint8 and torch.equal(got, want) and got.stride() == want.stride(), seed
         assert torch.equal(after, expected_after), seed
 
 

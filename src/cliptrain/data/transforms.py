@@ -227,8 +227,18 @@ class ImageTransform:
         pixels = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1)  # v2.ToImage's layout (HWC memory)
         top, left, height, width = crop_params(pixels.shape[-2], pixels.shape[-1], self.scale, self.ratio,
                                                self._log_ratio)
-        pixels = TF.resized_crop(pixels, top, left, height, width, [self.image_size, self.image_size],
-                                 interpolation=self._mode, antialias=True)
+        size = self.image_size
+        if self._mode != InterpolationMode.BICUBIC:
+            pixels = TF.resized_crop(pixels, top, left, height, width, [size, size], interpolation=self._mode,
+                                     antialias=True)
+        elif (height, width) == (size, size):  # torchvision returns such a crop as it is
+            pixels = pixels[:, top:top + height, left:left + width]
+        else:  # what TF.resized_crop runs for bicubic uint8 on a CPU (no cast), without its checks and dispatch
+            crop = pixels[:, top:top + height, left:left + width].reshape(1, 3, height, width)
+            if crop.is_contiguous(memory_format=torch.channels_last) and crop.stride(0) != crop.numel():
+                crop = crop.as_strided(crop.shape, (crop.numel(), *crop.stride()[1:]))  # so is the output (as tv)
+            pixels = torch.nn.functional.interpolate(crop, size=[size, size], mode="bicubic", align_corners=False,
+                                                     antialias=True)[0]
         return pixels if self.geometry is None else self.geometry(pixels).as_subclass(torch.Tensor)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
