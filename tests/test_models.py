@@ -208,6 +208,16 @@ def test_conv_stem_is_a_switch_and_the_patch_stem_stays_the_default():
         create_model("tiny", vision={"stem": "conv", "image_size": 36, "patch_size": 12})
 
 
+def test_conv_stem_width():
+    narrow = create_model("tiny", vision={"stem": "conv", "stem_width": 64}).visual.patch_embed
+    assert [tuple(m.weight.shape) for m in narrow if isinstance(m, torch.nn.Conv2d)] == [
+        (16, 3, 3, 3), (32, 16, 3, 3), (64, 32, 3, 3), (128, 64, 1, 1)]      # halved, then 1x1 to the width
+    assert create_model("tiny", vision={"stem": "conv", "stem_width": 64}).encode_image(
+        torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    with pytest.raises(ValueError, match="vision.stem_width must be >= 1"):
+        create_model("tiny", vision={"stem": "conv", "stem_width": 0})
+
+
 def test_a_conv_stem_model_trains(tmp_path):
     from cliptrain.training.build import build_trainer
     from conftest import micro_config

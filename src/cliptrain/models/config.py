@@ -39,6 +39,8 @@ class VisionConfig:
     proj: bool = True                    # project the pooled features to embed_dim; false (Hugging Face SigLIP): none,
                                          # the width is the embedding size
     stem: Literal["patch", "conv"] = "patch"  # patchify conv, or 3x3 stride-2 convs + GELU (Xiao et al. 2021)
+    stem_width: int | None = None        # conv stem: channels of its last 3x3 conv, halved before each earlier
+                                         # one (then a 1x1 conv to `width`); null: `width`
     resnet_layers: tuple[int, ...] | None = None  # CLIP's ModifiedResNet (RN50: [3, 4, 6, 3]) with stem width
                                          # `width` and `heads` attention-pool heads, instead of a ViT
 
@@ -63,6 +65,8 @@ class VisionConfig:
             raise ConfigError(f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
         if min(self.layers, self.heads, self.patch_size) < 1:
             raise ConfigError("vision.layers, vision.heads and vision.patch_size must be >= 1")
+        if self.stem_width is not None and self.stem_width < 1:
+            raise ConfigError(f"vision.stem_width must be >= 1 (or null: the width), got {self.stem_width}")
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
             raise ConfigError(f"vision.stem conv halves the image log2(patch_size) times, so vision.patch_size must be "
                               f"a power of 2, got {self.patch_size}; use stem patch")

@@ -115,9 +115,10 @@ class VisionTransformer(nn.Module):
 
 
 def stem_channels(cfg: VisionConfig) -> list[int]:
-    """Output channels of the conv stem's 3x3 stride-2 convs: log2(patch_size) of them, doubling up to the width."""
-    n = cfg.patch_size.bit_length() - 1
-    return [max(1, cfg.width >> (n - 1 - i)) for i in range(n)]
+    """Output channels of the conv stem's 3x3 stride-2 convs: log2(patch_size) of them, doubling up to the stem
+    width (`stem_width`, by default the tower's width)."""
+    n, last = cfg.patch_size.bit_length() - 1, cfg.stem_width or cfg.width
+    return [max(1, last >> (n - 1 - i)) for i in range(n)]
 
 
 def conv_stem(cfg: VisionConfig) -> nn.Sequential:
