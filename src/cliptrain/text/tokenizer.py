@@ -197,14 +197,16 @@ class Tokenizer:
     def _encode_bodies(self, texts: list[str]) -> list[list[int]]:
         """Ids of each text without sot/eot: the texts not seen before encoded as one batch, the others from
         a memo of the last CACHE_TEXTS distinct texts (a training run tokenizes the same captions each epoch)."""
-        memo, distinct = self._memo, dict.fromkeys(texts)
-        new = [t for t in distinct if t not in memo]
-        if new and len(memo) + len(new) > self.CACHE_TEXTS:
-            memo.clear()
-            new = list(distinct)
-        if new:
-            memo.update(zip(new, self._encode_new(new)))
-        return [memo[t] for t in texts]
+        memo = self._memo
+        known = {t: ids for t in dict.fromkeys(texts) if (ids := memo.get(t)) is not None}
+        new = [t for t in dict.fromkeys(texts) if t not in known]
+        if new:  # the answer is built from `known`, so a memo cleared meanwhile (another thread) loses nothing
+            encoded = dict(zip(new, self._encode_new(new)))
+            if len(memo) + len(encoded) > self.CACHE_TEXTS:
+                memo.clear()
+            memo.update(encoded)
+            known.update(encoded)
+        return [known[t] for t in texts]
 
     def _encode_new(self, texts: list[str]) -> list[list[int]]:
         """Ids of each text without sot/eot, encoded as one batch."""
