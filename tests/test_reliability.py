@@ -241,3 +241,26 @@ def test_checkpoint_from_before_a_new_config_field_still_loads(tmp_path):
     del config["model"]["arch"]["vision"]["patch_dropout"]  # as written before the field existed
     (last / "config.yaml").write_text(yaml.safe_dump(config))
     ckpt.load_model_weights(create_model("tiny", **MICRO_ARCH), last)
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Each item: the niceness of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return os.nice(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="os.nice is POSIX")
+def test_cpu_training_workers_yield_to_the_compute_threads():
+    """A CPU run's loader workers run at CPU_WORKER_NICE above the main process; a GPU run's keep its priority;
+    both ignore the stop signals (left to the main process)."""
+    from cliptrain.training.guards import CPU_WORKER_NICE, training_worker_init
+    base = os.nice(0)
+    for cpu, expected in ((True, min(19, base + CPU_WORKER_NICE)), (False, base)):
+        loader = torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1,
+                                             worker_init_fn=training_worker_init(cpu))
+        assert list(loader) == [expected, expected]
+    assert os.nice(0) == base and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN   # the main process: as it was

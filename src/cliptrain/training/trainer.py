@@ -23,7 +23,7 @@ from cliptrain.evaluation.evaluate import format_table, write_results
 from cliptrain.evaluation.evaluators import EvalSet, Evaluator, NamedSet, run_evaluators
 from cliptrain.training.build.model import PreparedModel
 from cliptrain.training.compile import is_compiled, warn_fallback
-from cliptrain.training.guards import NonFiniteGuard, StopSignals, ignore_stop_signals
+from cliptrain.training.guards import NonFiniteGuard, StopSignals, training_worker_init
 from cliptrain.training.metrics import Meter, MetricSinks, truncate_log
 from cliptrain.training.optim import apply_groups, lr_at, scheduled_lr, set_lr
 from cliptrain.training.parallel import (average_unsharded_grads, full_norm, is_fsdp, load_optimizer_state_dict,
@@ -127,13 +127,14 @@ class Trainer:
         bs, w = self.cfg.train.batch_size, self.world
         if isinstance(self.train_data, ShardStream):
             return self.train_data.loader(epoch, start_step, w.rank, w.world_size, self.cfg.data.workers,
-                                          self.device.type == "cuda", ignore_stop_signals)
+                                          self.device.type == "cuda", training_worker_init(self.device.type == "cpu"))
         if self._loader is None:  # one loader for the run: its workers persist across epochs
             self._sampler = EpochSampler(len(self.train_data), epoch, self.cfg.train.seed, start_step * bs, bs,
                                          rank=w.rank, world_size=w.world_size)
             self._loader = make_loader(self.train_data, self.tokenizer, bs // w.world_size, self._sampler,
                                        self.cfg.data.workers, pin_memory=self.device.type == "cuda",
-                                       worker_init_fn=ignore_stop_signals, persistent=True)
+                                       worker_init_fn=training_worker_init(self.device.type == "cpu"),
+                                       persistent=True)
         self._sampler.epoch, self._sampler.start = epoch, start_step * bs
         return self._loader
 
